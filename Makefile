@@ -1,0 +1,47 @@
+# Every target creates (or reuses) the virtual environment .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# Jupyter kernels started from here must use the course's Python.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: lab test check exercises solutions env clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+## make lab: open the course in JupyterLab, on notebook 00
+lab: $(INSTALLED)
+	$(BIN)/jupyter lab notebooks/00_welcome.ipynb $(LAB_ARGS)
+
+## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/)
+test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest --nbval --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg tests solutions
+
+## make check NB=01: check the exercises of your notebooks/01_*.ipynb
+check: $(INSTALLED)
+	@test -n "$(NB)" || (echo "usage: make check NB=01" && exit 2)
+	$(BIN)/python -m pytest -q --no-header -p no:cacheprovider \
+		tests/test_exercises.py --learner-notebook=$(NB)
+
+## make exercises: regenerate notebooks/ from solutions/
+exercises: $(INSTALLED)
+	$(BIN)/python -m nsa_tutorial.course exercises
+
+## make solutions: re-execute solutions/ (or NB=01), save outputs, regenerate notebooks/
+solutions: $(INSTALLED)
+	$(BIN)/python -m nsa_tutorial.course execute $(if $(NB),solutions/$(NB)_*.ipynb,solutions/*.ipynb)
+	$(BIN)/python -m nsa_tutorial.course exercises
+
+## make env: check this machine for the course
+env: $(INSTALLED)
+	$(BIN)/python -m nsa_tutorial.course env
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,30 @@
+"""Triton kernels (notebooks 08-09) and the runtime set-up they need.
+
+Without a CUDA GPU, Triton runs kernels in its interpreter, on the CPU, when
+TRITON_INTERPRET=1 is set before Triton is imported: this package sets it, so the
+same kernels run everywhere (slowly without a GPU). Where Triton is not installed
+(macOS), `TRITON_AVAILABLE` is False; the rest of nsa_tutorial does not need Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401  (imported here, after TRITON_INTERPRET is settled)
+
+    TRITON_AVAILABLE = True
+except ImportError:
+    TRITON_AVAILABLE = False
+
+
+def triton_mode() -> str:
+    """ "compiled" (CUDA GPU), "interpreter" (CPU) or "missing" (Triton not installed)."""
+    if not TRITON_AVAILABLE:
+        return "missing"
+    return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"

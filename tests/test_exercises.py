@@ -1,0 +1,76 @@
+"""Every exercise's check, run against three sources of the function:
+
+- the package (nsa_tutorial), which must pass every case;
+- the solution notebooks, whose definitions are extracted as `make check` does;
+- with --learner-notebook NN: the learner's notebooks/NN_*.ipynb (`make check NB=NN`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+import nsa_tutorial
+from nsa_tutorial.course import EXERCISES, STAGES, check
+from nsa_tutorial.course.notebooks import (
+    NOTEBOOKS,
+    SOLUTIONS,
+    NotebookError,
+    learner_definitions,
+    stage_notebook,
+)
+from nsa_tutorial.course.stage00_welcome import causal_attention_spec
+
+# The package's implementation of each exercise (00's warm-up has only its spec).
+PACKAGE = {
+    "causal_attention": causal_attention_spec,
+    "rms_norm": nsa_tutorial.rms_norm,
+    "rotary_frequencies": nsa_tutorial.rotary_frequencies,
+    "rotate_pairs": nsa_tutorial.rotate_pairs,
+    "apply_rotary": nsa_tutorial.apply_rotary,
+}
+
+
+@functools.cache
+def definitions(folder, stage):
+    return learner_definitions(stage_notebook(stage, folder))
+
+
+def pytest_generate_tests(metafunc):
+    if "exercise" not in metafunc.fixturenames:
+        return
+    stage = metafunc.config.getoption("--learner-notebook")
+    if stage is not None:
+        stage = f"{int(stage):02d}"
+        if stage not in STAGES:
+            raise pytest.UsageError(f"no stage {stage}; stages: {', '.join(STAGES)}")
+        params = [(e.name, NOTEBOOKS) for e in STAGES[stage]]
+    else:
+        params = [(name, source) for name in EXERCISES for source in ("package", SOLUTIONS)]
+    ids = [f"{name}-{getattr(source, 'name', source)}" for name, source in params]
+    metafunc.parametrize(("exercise", "source"), params, ids=ids)
+
+
+def test_exercise(exercise, source):
+    if source == "package":
+        fn = PACKAGE[exercise]
+    else:
+        stage = EXERCISES[exercise].stage
+        try:
+            namespace = definitions(source, stage)
+        except NotebookError as error:
+            pytest.fail(str(error), pytrace=False)
+        if exercise not in namespace:
+            pytest.fail(
+                f"{stage_notebook(stage, source).name} defines no function `{exercise}`",
+                pytrace=False,
+            )
+        fn = namespace[exercise]
+    verdict = check(exercise, fn)
+    if not verdict.passed:
+        pytest.fail(str(verdict), pytrace=False)
+
+
+def test_every_exercise_has_a_package_implementation():
+    assert set(PACKAGE) == set(EXERCISES)
