@@ -14,9 +14,13 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
-## make lab: open the course in JupyterLab, on notebook 00
+# JupyterLab refuses to run as root (containers) unless told to.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
+## make lab: open the course in JupyterLab, on notebook 00 (LAB_ARGS="--port=..." to add options)
 lab: $(INSTALLED)
-	$(BIN)/jupyter lab notebooks/00_welcome.ipynb $(LAB_ARGS)
+	$(BIN)/jupyter lab --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb \
+		$(ROOT_FLAG) $(LAB_ARGS)
 
 ## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/)
 test: $(INSTALLED)
@@ -27,8 +31,8 @@ test: $(INSTALLED)
 ## make check NB=01: check the exercises of your notebooks/01_*.ipynb
 check: $(INSTALLED)
 	@test -n "$(NB)" || (echo "usage: make check NB=01" && exit 2)
-	$(BIN)/python -m pytest -q --no-header -p no:cacheprovider \
-		tests/test_exercises.py --learner-notebook=$(NB)
+	$(BIN)/python -m pytest -v --no-header -rN -p no:cacheprovider \
+		tests/test_exercises.py::test_exercise --learner-notebook=$(NB)
 
 ## make exercises: regenerate notebooks/ from solutions/
 exercises: $(INSTALLED)

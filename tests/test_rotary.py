@@ -79,3 +79,26 @@ def test_bad_input_is_named():
         RotaryEmbedding(-2)
     with pytest.raises(ValueError, match="theta must be positive, got theta=0"):
         RotaryEmbedding(8, theta=0)
+
+
+def test_loads_the_norm_and_rotary_weights_of_the_reference_sparse_attention():
+    from native_sparse_attention_pytorch import SparseAttention
+
+    from nsa_tutorial import RMSNorm
+
+    reference = SparseAttention(
+        dim=32,
+        dim_head=16,
+        heads=2,
+        sliding_window_size=4,
+        compress_block_size=4,
+        compress_block_sliding_stride=4,
+        selection_block_size=4,
+        num_selected_blocks=2,
+    )
+    rotary, norm = RotaryEmbedding(16), RMSNorm(32)
+    rotary.load_state_dict(reference.rotary_emb.state_dict(), strict=True)
+    norm.load_state_dict(reference.norm.state_dict(), strict=True)
+    x, t = torch.randn(2, 9, 32), torch.randn(2, 2, 9, 16)
+    torch.testing.assert_close(norm(x), reference.norm(x))
+    torch.testing.assert_close(rotary(t), reference.rotary_emb.rotate_queries_or_keys(t))

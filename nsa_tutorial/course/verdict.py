@@ -170,7 +170,7 @@ def _likely_cause(exercise: Exercise, got: Any, expected: Any, case: Case) -> st
 
 def _not_implemented_message(error: NotImplementedError) -> str:
     detail = f" ({error})" if str(error) else ""
-    return f"not implemented yet{detail}. Write the missing part, run its cell, then this check."
+    return f"not implemented yet{detail}. Replace the stub with your code, then check again."
 
 
 def _exception_message(error: Exception, where: str) -> str:
