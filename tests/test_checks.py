@@ -4,7 +4,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from nsa_tutorial.course import check
+from nsa_tutorial.course import EXERCISES, check
 from nsa_tutorial.course.verdict import FAIL, PASS, TODO, compare
 
 
@@ -221,3 +221,34 @@ def test_compare_lists_positions_and_largest_difference():
         "1 of 6 values differ: at [1, 2] got 0.5, expected 0.\n   Largest difference: 0.5."
     )
     assert compare(expected, expected) is None
+
+
+# ---- every known mistake is caught and named -----------------------------------------------
+
+KNOWN_MISTAKES = [
+    pytest.param(exercise, number, id=f"{exercise.name}-{number}")
+    for exercise in EXERCISES.values()
+    for number in range(len(exercise.mistakes))
+]
+
+
+@pytest.mark.parametrize(("exercise", "number"), KNOWN_MISTAKES)
+def test_each_known_mistake_fails_with_its_hint(exercise, number):
+    mistake = exercise.mistakes[number]
+    message = verdict_of(exercise.name, mistake.compute)
+    assert f"Likely cause: {mistake.hint}" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "cause"),
+    [
+        ("compressed_causal_mask", "off by one"),
+        ("compressed_causal_mask", "memory tokens are missing"),
+        ("compressed_attention", "memory tokens are treated as blocks"),
+        ("block_probabilities", "softmax runs over queries"),
+        ("block_probabilities", "own block is not masked"),
+        ("top_blocks", "top-n is not clipped"),
+    ],
+)
+def test_stage_02_to_04_mistakes_named_in_the_issue_are_known(name, cause):
+    assert any(cause in mistake.hint for mistake in EXERCISES[name].mistakes)

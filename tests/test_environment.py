@@ -14,7 +14,7 @@ from nsa_tutorial.course.environment import (
     environment_report,
     pinned_versions,
 )
-from nsa_tutorial.course.notebooks import ROOT, SOLUTIONS
+from nsa_tutorial.course.notebooks import SOLUTIONS
 
 
 def test_this_machine_is_ready():
@@ -78,7 +78,7 @@ def test_package_and_non_triton_notebooks_run_without_triton():
     notebooks = sorted(str(p) for p in SOLUTIONS.glob("0[0-7]_*.ipynb"))
     result = subprocess.run(
         [sys.executable, "-c", NO_TRITON, *notebooks],
-        cwd=ROOT,
+        cwd=SOLUTIONS,  # notebooks run from their own folder, as in JupyterLab
         capture_output=True,
         text=True,
         timeout=600,

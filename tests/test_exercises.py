@@ -12,6 +12,7 @@ import functools
 import pytest
 
 import nsa_tutorial
+from nsa_tutorial import compress, importance, selection
 from nsa_tutorial.course import EXERCISES, STAGES, check
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
@@ -22,13 +23,22 @@ from nsa_tutorial.course.notebooks import (
 )
 from nsa_tutorial.course.stage00_welcome import causal_attention_spec
 
-# The package's implementation of each exercise (00's warm-up has only its spec).
+# The package's implementations of each exercise (00's warm-up has only its spec).
 PACKAGE = {
-    "causal_attention": causal_attention_spec,
-    "rms_norm": nsa_tutorial.rms_norm,
-    "rotary_frequencies": nsa_tutorial.rotary_frequencies,
-    "rotate_pairs": nsa_tutorial.rotate_pairs,
-    "apply_rotary": nsa_tutorial.apply_rotary,
+    "causal_attention": [causal_attention_spec],
+    "rms_norm": [nsa_tutorial.rms_norm],
+    "rotary_frequencies": [nsa_tutorial.rotary_frequencies],
+    "rotate_pairs": [nsa_tutorial.rotate_pairs],
+    "apply_rotary": [nsa_tutorial.apply_rotary],
+    "compression_windows": [compress.compression_windows],
+    "compressed_causal_mask": [compress.compressed_causal_mask],
+    "compressed_attention": [lambda *args: compress.compressed_attention(*args)[0]],
+    "group_mean": [importance.group_mean],
+    "selection_block_scores": [importance.selection_block_scores],
+    "block_probabilities": [importance.block_probabilities],
+    "top_blocks": [selection.top_blocks],
+    "gather_blocks": [selection.gather_blocks],
+    "fine_attention": [selection.fine_attention_dense, selection.fine_attention_gathered],
 }
 
 
@@ -47,14 +57,18 @@ def pytest_generate_tests(metafunc):
             raise pytest.UsageError(f"no stage {stage}; stages: {', '.join(STAGES)}")
         params = [(e.name, NOTEBOOKS) for e in STAGES[stage]]
     else:
-        params = [(name, source) for name in EXERCISES for source in ("package", SOLUTIONS)]
+        params = [
+            (name, source)
+            for name in EXERCISES
+            for source in [*(f"package:{i}" for i in range(len(PACKAGE[name]))), SOLUTIONS]
+        ]
     ids = [f"{name}-{getattr(source, 'name', source)}" for name, source in params]
     metafunc.parametrize(("exercise", "source"), params, ids=ids)
 
 
 def test_exercise(exercise, source):
-    if source == "package":
-        fn = PACKAGE[exercise]
+    if isinstance(source, str):
+        fn = PACKAGE[exercise][int(source.removeprefix("package:"))]
     else:
         stage = EXERCISES[exercise].stage
         try:

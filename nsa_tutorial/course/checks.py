@@ -10,12 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from nsa_tutorial.course import stage00_welcome, stage01_rmsnorm_rotary
+from nsa_tutorial.course import (
+    stage00_welcome,
+    stage01_rmsnorm_rotary,
+    stage02_compression,
+    stage03_importance,
+    stage04_selection,
+)
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
 STAGES: dict[str, list[Exercise]] = {
     "00": stage00_welcome.EXERCISES,
     "01": stage01_rmsnorm_rotary.EXERCISES,
+    "02": stage02_compression.EXERCISES,
+    "03": stage03_importance.EXERCISES,
+    "04": stage04_selection.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 

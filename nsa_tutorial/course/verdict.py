@@ -103,7 +103,11 @@ def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
         except NotImplementedError as error:
             return Verdict(exercise.name, TODO, _not_implemented_message(error))
         except Exception as error:  # the learner's bug, reported without a torch traceback
-            return Verdict(exercise.name, FAIL, _exception_message(error, where))
+            message = _exception_message(error, where)
+            cause = _mistake_that_raises(exercise, type(error), case)
+            if cause:
+                message += f"\n   Likely cause: {cause}"
+            return Verdict(exercise.name, FAIL, message)
         if not _same_inputs(args, case.args) or not _same_inputs(kwargs, case.kwargs):
             return Verdict(
                 exercise.name,
@@ -123,6 +127,14 @@ def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
 
 def compare(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5) -> str | None:
     """Describe how `got` differs from `expected` (type, shape, dtype, values); None if equal."""
+    if isinstance(expected, tuple):
+        if not isinstance(got, tuple) or len(got) != len(expected):
+            return f"returned {_describe_value(got)}, expected a tuple of {len(expected)}."
+        for index, (part, wanted) in enumerate(zip(got, expected, strict=True)):
+            problem = compare(part, wanted, atol, rtol)
+            if problem:
+                return f"output[{index}]: {problem}"
+        return None
     if not isinstance(expected, Tensor):
         return None if got == expected else f"got {got!r}, expected {expected!r}."
     if not isinstance(got, Tensor):
@@ -156,9 +168,24 @@ def _describe_differences(got: Tensor, expected: Tensor, differs: Tensor) -> str
     return "\n   ".join(lines)
 
 
+def _mistake_that_raises(exercise: Exercise, kind: type, case: Case) -> str | None:
+    """The hint of a known mistake that fails on this case with the same exception type."""
+    for mistake in exercise.mistakes:
+        try:
+            mistake.compute(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        except kind:
+            return mistake.hint
+        except Exception:
+            continue
+    return None
+
+
 def _likely_cause(exercise: Exercise, got: Any, expected: Any, case: Case) -> str | None:
     for mistake in exercise.mistakes:
-        wrong = mistake.compute(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        try:
+            wrong = mistake.compute(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        except Exception:
+            continue  # this mistake crashes on this case; the learner's answer did not
         if compare(wrong, expected, exercise.atol, exercise.rtol) is None:
             continue  # this mistake makes no difference on this case
         if compare(got, wrong, exercise.atol, exercise.rtol) is None:
@@ -207,6 +234,8 @@ def _same_inputs(now: Any, before: Any) -> bool:
 
 
 def _describe_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_describe_value(v) for v in value) + ")"
     if isinstance(value, Tensor):
         return f"{_shape(value)} {str(value.dtype).removeprefix('torch.')}"
     return repr(value)

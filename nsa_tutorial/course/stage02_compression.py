@@ -1,0 +1,242 @@
+"""Checks for notebook 02: compression blocks, their causal visibility, compressed attention.
+
+The specs loop over blocks, tokens and queries one at a time: slow and plain.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import Tensor
+
+from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+
+# ---- splitting into blocks -------------------------------------------------------------
+
+
+def compression_windows_spec(x: Tensor, block_size: int, stride: int) -> Tensor:
+    """x (b, h, n, d) -> (b, h, w, block_size, d): block j holds the block_size tokens
+    ending at (j + 1) * stride - 1; positions before 0 are zeros."""
+    w = x.shape[-2] // stride
+    out = x.new_zeros(*x.shape[:2], w, block_size, x.shape[-1])
+    for j in range(w):
+        last = (j + 1) * stride - 1
+        for t in range(block_size):
+            position = last - block_size + 1 + t
+            if position >= 0:
+                out[:, :, j, t] = x[:, :, position]
+    return out
+
+
+def _windows_from_start(x, block_size, stride):
+    """Blocks that start at j * stride (no left padding), right-padded with zeros."""
+    w = x.shape[-2] // stride
+    x = F.pad(x, (0, 0, 0, block_size))
+    return torch.stack([x[:, :, j * stride : j * stride + block_size] for j in range(w)], dim=2)
+
+
+def _windows_with_partial(x, block_size, stride):
+    n = x.shape[-2]
+    padded = F.pad(x, (0, 0, 0, -n % stride))
+    return compression_windows_spec(padded, block_size, stride)
+
+
+def _window_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(20)
+    return [
+        Case((torch.randn(1, 2, 16, 3, generator=g), 4, 4)),
+        Case((torch.randn(2, 1, 19, 2, generator=g), 8, 4)),  # overlapping, 3 tokens left over
+        Case((torch.randn(1, 1, 3, 2, generator=g), 4, 2)),  # shorter than a block
+        Case((torch.randn(1, 2, 2, 2, generator=g), 4, 4)),  # no complete block yet
+    ]
+
+
+COMPRESSION_WINDOWS = Exercise(
+    name="compression_windows",
+    stage="02",
+    spec=compression_windows_spec,
+    make_cases=_window_cases,
+    mistakes=(
+        Mistake(
+            "your blocks start at j * stride; they must *end* at (j + 1) * stride - 1, so the "
+            "first blocks reach before token 0: left-pad with block_size - stride zeros.",
+            _windows_from_start,
+        ),
+        Mistake(
+            "the tokens after the last full stride belong to no block yet: use only the first "
+            "(n // stride) * stride tokens.",
+            _windows_with_partial,
+        ),
+    ),
+)
+
+# ---- which compressed tokens a query sees --------------------------------------------------
+
+
+def compressed_causal_mask_spec(
+    seq_len: int, num_blocks: int, stride: int, num_memory: int
+) -> Tensor:
+    """(seq_len, num_memory + num_blocks): memory always visible; block j visible to
+    query i once its last token (j + 1) * stride - 1 is strictly before i."""
+    mask = torch.zeros(seq_len, num_memory + num_blocks, dtype=torch.bool)
+    for i in range(seq_len):
+        for m in range(num_memory):
+            mask[i, m] = True
+        for j in range(num_blocks):
+            mask[i, num_memory + j] = (j + 1) * stride - 1 < i
+    return mask
+
+
+def _mask_with(visible, *, memory=True, with_memory_columns=True):
+    def build(seq_len, num_blocks, stride, num_memory):
+        queries = torch.arange(seq_len)[:, None]
+        blocks = torch.arange(num_blocks)[None, :]
+        mask = visible(queries, blocks, stride)
+        if not with_memory_columns:
+            return mask
+        columns = torch.full((seq_len, num_memory), memory)
+        return torch.cat((columns, mask), dim=-1)
+
+    return build
+
+
+COMPRESSED_CAUSAL_MASK = Exercise(
+    name="compressed_causal_mask",
+    stage="02",
+    spec=compressed_causal_mask_spec,
+    make_cases=lambda: [
+        Case((12, 3, 4, 1)),
+        Case((20, 4, 4, 2)),
+        Case((9, 4, 2, 1)),
+        Case((3, 0, 4, 1)),
+    ],
+    mistakes=(
+        Mistake(
+            "off by one: a block becomes visible to the query *after* its last token, "
+            "(j + 1) * stride - 1 < i, not <=.",
+            _mask_with(lambda i, j, s: (j + 1) * s - 1 <= i),
+        ),
+        Mistake(
+            "the memory tokens are missing: put num_memory always-visible columns first.",
+            _mask_with(lambda i, j, s: (j + 1) * s - 1 < i, with_memory_columns=False),
+        ),
+        Mistake(
+            "the memory tokens must always be visible (True), even to the first query.",
+            _mask_with(lambda i, j, s: (j + 1) * s - 1 < i, memory=False),
+        ),
+        Mistake(
+            "this compares the query with the block's first token of its stride; compare with "
+            "its last token, (j + 1) * stride - 1.",
+            _mask_with(lambda i, j, s: j * s < i),
+        ),
+    ),
+)
+
+# ---- compressed attention ---------------------------------------------------------------------
+
+
+def compressed_attention_spec(
+    q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int, causal: bool
+) -> Tensor:
+    """q (b, hq, n, d) over ck, cv (b, hk, m + w, d): query head h reads key/value head
+    h // (hq // hk); each query sees the memory and (if causal) the finished blocks."""
+    hq, n, d = q.shape[1:]
+    group = hq // ck.shape[1]
+    num_blocks = ck.shape[-2] - num_memory
+    if causal:
+        mask = compressed_causal_mask_spec(n, num_blocks, stride, num_memory)
+    else:
+        mask = torch.ones(n, ck.shape[-2], dtype=torch.bool)
+    out = torch.empty_like(q)
+    for h in range(hq):
+        keys, values = ck[:, h // group], cv[:, h // group]  # (b, m + w, d)
+        for i in range(n):
+            visible = mask[i]
+            scores = torch.einsum("b d, b j d -> b j", q[:, h, i], keys[:, visible]) * d**-0.5
+            out[:, h, i] = torch.einsum("b j, b j d -> b d", scores.softmax(-1), values[:, visible])
+    return out
+
+
+def _attention_with(
+    q,
+    ck,
+    cv,
+    num_memory,
+    stride,
+    causal,
+    *,
+    memory_as_blocks=False,
+    softmax_dim=-1,
+    scale=None,
+    head_order="(h g)",
+):
+    group = q.shape[1] // ck.shape[1]
+    ck, cv = (repeat(t, f"b h j d -> b {head_order} j d", g=group) for t in (ck, cv))
+    scores = q @ ck.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        if memory_as_blocks:
+            mask = compressed_causal_mask_spec(q.shape[-2], ck.shape[-2], stride, 0)
+        else:
+            mask = compressed_causal_mask_spec(
+                q.shape[-2], ck.shape[-2] - num_memory, stride, num_memory
+            )
+        scores = scores.masked_fill(~mask, -1e30)
+    return scores.softmax(softmax_dim) @ cv
+
+
+def _attention_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(21)
+
+    def case(b, hq, hk, n, m, w, d, causal):
+        return Case(
+            (
+                torch.randn(b, hq, n, d, generator=g),
+                torch.randn(b, hk, m + w, d, generator=g),
+                torch.randn(b, hk, m + w, d, generator=g),
+                m,
+                4,
+                causal,
+            )
+        )
+
+    return [
+        case(1, 2, 2, 13, 1, 3, 4, True),
+        case(2, 4, 2, 9, 2, 2, 8, True),
+        case(1, 4, 1, 17, 1, 4, 4, True),
+        case(1, 2, 1, 6, 1, 1, 4, False),
+    ]
+
+
+COMPRESSED_ATTENTION = Exercise(
+    name="compressed_attention",
+    stage="02",
+    spec=compressed_attention_spec,
+    make_cases=_attention_cases,
+    mistakes=(
+        Mistake(
+            "the memory tokens are treated as blocks: the first num_memory columns are memory "
+            "(always visible), blocks come after them.",
+            lambda *a: _attention_with(*a, memory_as_blocks=True),
+        ),
+        Mistake(
+            "the softmax runs over queries (dim=-2); it must run over compressed keys (dim=-1).",
+            lambda *a: _attention_with(*a, softmax_dim=-2),
+        ),
+        Mistake(
+            "the scores are not scaled by dim_head ** -0.5.",
+            lambda *a: _attention_with(*a, scale=1.0),
+        ),
+        Mistake(
+            "query heads are matched to key/value heads the wrong way: query head h reads "
+            "head h // group (einops '(h g)'), not h % kv_heads.",
+            lambda *a: _attention_with(*a, head_order="(g h)"),
+        ),
+        Mistake(
+            "no causal mask: a query may only see blocks that ended before it.",
+            lambda q, ck, cv, m, s, causal: _attention_with(q, ck, cv, m, s, False),
+        ),
+    ),
+)
+
+EXERCISES = [COMPRESSION_WINDOWS, COMPRESSED_CAUSAL_MASK, COMPRESSED_ATTENTION]

@@ -1,0 +1,219 @@
+"""Checks for notebook 04: top-n blocks, gathering them, fine attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+
+# ---- top-n ------------------------------------------------------------------------------------
+
+
+def top_blocks_spec(importance: Tensor, num_selected: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the min(num_selected, w) largest scores of each row, largest first."""
+    n = min(num_selected, importance.shape[-1])
+    values, indices = importance.sort(dim=-1, descending=True, stable=True)
+    return values[..., :n], indices[..., :n]
+
+
+def _top_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(40)
+    return [
+        Case((torch.rand(1, 2, 5, 8, generator=g), 3)),
+        Case((torch.rand(2, 1, 4, 2, generator=g), 4)),  # fewer blocks than asked for
+        Case((torch.rand(1, 1, 3, 0, generator=g), 2)),  # no complete block yet
+    ]
+
+
+TOP_BLOCKS = Exercise(
+    name="top_blocks",
+    stage="04",
+    spec=top_blocks_spec,
+    make_cases=_top_cases,
+    mistakes=(
+        Mistake(
+            "top-n is not clipped: early queries have fewer than n blocks, so take "
+            "min(num_selected, importance.shape[-1]).",
+            lambda importance, n: importance.topk(n, dim=-1),
+        ),
+        Mistake(
+            "these are the smallest scores; topk wants the largest (largest=True).",
+            lambda importance, n: importance.topk(min(n, importance.shape[-1]), largest=False),
+        ),
+    ),
+)
+
+# ---- gathering blocks ---------------------------------------------------------------------------
+
+
+def gather_blocks_spec(x: Tensor, indices: Tensor, block: int) -> Tensor:
+    """x (b, hk, n, d), indices (b, h, i, s) -> (b, h, i, s, block, d): block indices[..., s]
+    of key/value head h // (h / hk), zero-padded past the end of the sequence."""
+    b, h, i, s = indices.shape
+    group = h // x.shape[1]
+    out = x.new_zeros(b, h, i, s, block, x.shape[-1])
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(i):
+                for si in range(s):
+                    start = indices[bi, hi, qi, si].item() * block
+                    tokens = x[bi, hi // group, start : start + block]
+                    out[bi, hi, qi, si, : len(tokens)] = tokens
+    return out
+
+
+def _gather_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(41)
+    return [
+        Case(
+            (
+                torch.randn(1, 1, 8, 2, generator=g),
+                torch.randint(0, 2, (1, 1, 8, 2), generator=g),
+                4,
+            )
+        ),
+        Case(
+            (
+                torch.randn(2, 2, 10, 3, generator=g),
+                torch.randint(0, 3, (2, 2, 10, 2), generator=g),
+                4,
+            )
+        ),
+        Case(
+            (
+                torch.randn(1, 2, 6, 2, generator=g),
+                torch.randint(0, 3, (1, 4, 6, 1), generator=g),
+                2,
+            )
+        ),
+    ]
+
+
+def _gather_head_mod(x, indices, block):
+    x = x.repeat(1, indices.shape[1] // x.shape[1], 1, 1)  # head h reads h % hk: wrong
+    return gather_blocks_spec(x, indices, block)
+
+
+GATHER_BLOCKS = Exercise(
+    name="gather_blocks",
+    stage="04",
+    spec=gather_blocks_spec,
+    make_cases=_gather_cases,
+    mistakes=(
+        Mistake(
+            "with one selection per query head, query head h reads key/value head h // group, "
+            "not h % kv_heads (repeat with einops 'b h ... -> b (h g) ...').",
+            _gather_head_mod,
+        ),
+    ),
+)
+
+# ---- fine attention -------------------------------------------------------------------------
+
+
+def fine_attention_spec(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, selected: Tensor, block: int, causal: bool
+) -> Tensor:
+    """Query i attends to the keys of its selected blocks (when causal, only blocks
+    before its own) and, when causal, to keys j <= i of its own block.
+
+    q (b, hq, n, d); k, v (b, hk, n, d); indices, selected (b, h, n, s) with h = hk or hq.
+    """
+    b, hq, n, d = q.shape
+    h = indices.shape[1]
+    out = torch.empty_like(q)
+    for bi in range(b):
+        for head in range(hq):
+            sel_head = head // (hq // h)
+            kv_head = head // (hq // k.shape[1])
+            for i in range(n):
+                keys = set()
+                for index, chosen in zip(
+                    indices[bi, sel_head, i].tolist(),
+                    selected[bi, sel_head, i].tolist(),
+                    strict=True,
+                ):
+                    if chosen and (not causal or index < i // block):
+                        keys |= set(range(index * block, min((index + 1) * block, n)))
+                if causal:
+                    keys |= set(range(i // block * block, i + 1))
+                keys = sorted(keys)
+                scores = k[bi, kv_head, keys] @ q[bi, head, i] * d**-0.5
+                out[bi, head, i] = scores.softmax(-1) @ v[bi, kv_head, keys]
+    return out
+
+
+def _fine_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(42)
+
+    def case(b, hq, hk, h, n, d, block, s, causal):
+        q, k, v = (torch.randn(b, heads, n, d, generator=g) for heads in (hq, hk, hk))
+        blocks = -(-n // block)
+        # each query picks s distinct blocks among the complete blocks before its own
+        indices = torch.stack(
+            [torch.randperm(max(blocks - 1, s), generator=g)[:s] for _ in range(b * h * n)]
+        ).reshape(b, h, n, s)
+        selected = torch.rand(b, h, n, s, generator=g) > 0.3
+        if not causal:
+            selected[..., 0] = True  # every query sees something
+        return Case((q, k, v, indices, selected, block, causal))
+
+    return [
+        case(1, 2, 2, 2, 12, 4, 4, 2, True),
+        case(2, 4, 2, 2, 10, 4, 4, 1, True),  # GQA, a partial last block
+        case(1, 4, 1, 4, 9, 4, 2, 2, True),  # one selection per query head
+        case(1, 2, 1, 1, 8, 4, 4, 1, False),
+    ]
+
+
+def _fine_with(
+    q, k, v, indices, selected, block, causal, *, diagonal="causal", use_selected=True, scale=None
+):
+    from nsa_tutorial.selection import fine_mask, past_blocks_only
+
+    n = q.shape[-2]
+    chosen = selected if use_selected else torch.ones_like(selected)
+    if causal:
+        chosen = past_blocks_only(indices, chosen, block)
+    mask = fine_mask(indices, chosen, n, block, causal=False)
+    if causal:
+        positions = torch.arange(n)
+        own = (positions[:, None] // block) == (positions[None, :] // block)
+        if diagonal == "causal":
+            own = own & (positions[:, None] >= positions[None, :])
+        if diagonal != "none":
+            mask = mask | own
+    mask = mask.repeat_interleave(q.shape[1] // indices.shape[1], dim=1)
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return scores.masked_fill(~mask, -1e30).softmax(-1) @ v
+
+
+FINE_ATTENTION = Exercise(
+    name="fine_attention",
+    stage="04",
+    spec=fine_attention_spec,
+    make_cases=_fine_cases,
+    mistakes=(
+        Mistake(
+            "the block-causal diagonal is missing: when causal, query i also sees keys "
+            "i // block * block .. i of its own block.",
+            lambda *a: _fine_with(*a, diagonal="none"),
+        ),
+        Mistake(
+            "the own block is attended whole; within it, query i may only see keys j <= i.",
+            lambda *a: _fine_with(*a, diagonal="full"),
+        ),
+        Mistake(
+            "`selected` is ignored: blocks whose importance fell under the threshold must "
+            "not be attended.",
+            lambda *a: _fine_with(*a, use_selected=False),
+        ),
+        Mistake(
+            "the scores are not scaled by dim_head ** -0.5.", lambda *a: _fine_with(*a, scale=1.0)
+        ),
+    ),
+)
+
+EXERCISES = [TOP_BLOCKS, GATHER_BLOCKS, FINE_ATTENTION]

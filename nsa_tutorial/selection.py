@@ -1,0 +1,227 @@
+"""Stage 04: block selection and fine attention (paper §3.3.2, Eq. 11-12).
+
+Each query keeps the top-n selection blocks by importance and attends, at full
+resolution, to their keys plus (when causal) its own block up to itself: the
+block-causal diagonal of the paper's Fig. 2. Two ways compute the same thing:
+
+- gathered: copy each query's n blocks next to it, cost n * l' per query, the real
+  sparsity (and what the Triton kernel of notebook 08 does, without the copies);
+- dense: a (T, T) boolean mask over ordinary attention, simple but T^2.
+
+`fine_attention` picks between them by sequence length (notebook 04 measures why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange, repeat
+from torch import Tensor
+
+from nsa_tutorial.attend import attend
+
+SELECTED_THRESHOLD = 1e-10  # blocks with importance at or below this are not attended
+DENSE_MAX_SEQ_LEN = 8192  # longest sequence for the dense path (benchmarks/fine_attention_cpu.py)
+
+
+def top_blocks(importance: Tensor, num_selected: int) -> tuple[Tensor, Tensor]:
+    """Top-n blocks per query from importance (b, h, i, w): (values, indices), (b, h, i, n').
+
+    n' = min(num_selected, w): early queries cannot pick more blocks than exist.
+    """
+    n = min(num_selected, importance.shape[-1])
+    return importance.topk(n, dim=-1)
+
+
+def straight_through_gates(values: Tensor) -> Tensor:
+    """Gates that are 1 in the forward pass but pass gradients to the importance values.
+
+    With `use_diff_topk`, selected keys are multiplied by these, so the importance
+    scores (and the compression MLP behind them) learn from the fine branch.
+    """
+    return values + (1.0 - values).detach()
+
+
+def _pad_rows(x: Tensor, rows: int, value: float | bool = 0) -> Tensor:
+    """Pad axis -2 of x with `rows` rows of `value`."""
+    return F.pad(x, (0, 0, 0, rows), value=value)
+
+
+def past_blocks_only(indices: Tensor, selected: Tensor, block: int) -> Tensor:
+    """When causal, a selected block counts only if it ends before the query's own block.
+
+    Importance already gives the own and later blocks ~0, so this changes nothing in
+    the module; it keeps both fine-attention paths causal and equal for any indices.
+    """
+    own = torch.arange(indices.shape[-2], device=indices.device)[:, None] // block  # (i, 1)
+    return selected & (indices < own)
+
+
+def gather_blocks(x: Tensor, indices: Tensor, block: int) -> Tensor:
+    """Each query's blocks of x (b, hk, n, d) -> (b, h, i, s, block, d).
+
+    indices (b, h, i, s) index blocks of `block` tokens (the last one zero-padded);
+    h may be a multiple of hk (one selection per query head): heads are then shared
+    as in GQA.
+    """
+    x = _pad_rows(x, -x.shape[-2] % block)
+    blocks = rearrange(x, "b h (w l) d -> b h w l d", l=block)
+    blocks = repeat(blocks, "b h w l d -> b (h g) w l d", g=indices.shape[1] // x.shape[1])
+    batch = torch.arange(indices.shape[0], device=x.device)[:, None, None, None]
+    heads = torch.arange(indices.shape[1], device=x.device)[None, :, None, None]
+    return blocks[batch, heads, indices]
+
+
+def fine_attention_gathered(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    selected: Tensor,
+    block: int,
+    causal: bool,
+    gates: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Fine attention by gathering: q (b, hq, n, d), k and v (b, hk, n, d) -> (b, hq, n, d).
+
+    indices, selected, gates: (b, h, n, s) with h = hk (shared selection) or hq.
+    Query i attends to the keys of its selected blocks (where `selected`; when causal,
+    only blocks before its own) and, if causal, to keys j <= i of its own block.
+    Selected keys are scaled by `gates`.
+    """
+    n, h = q.shape[-2], indices.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if causal:
+        selected = past_blocks_only(indices, selected, block)
+    key_visible = repeat(selected, "b h i s -> b h i s l", l=block)
+    if causal:
+        own = repeat(torch.arange(n, device=q.device) // block, "i -> b h i 1", b=q.shape[0], h=h)
+        indices = torch.cat((indices, own), dim=-1)
+        in_block = torch.arange(n, device=q.device) % block
+        diagonal = in_block[:, None] >= torch.arange(block, device=q.device)[None, :]  # (i, l)
+        key_visible = torch.cat(
+            (key_visible, diagonal[:, None].expand_as(key_visible[..., :1, :])), -2
+        )
+        gates = None if gates is None else F.pad(gates, (0, 1), value=1.0)
+    key_position = indices[..., None] * block + torch.arange(block, device=q.device)
+    key_visible = key_visible & (key_position < n)  # the zero padding is never a key
+    fk, fv = gather_blocks(k, indices, block), gather_blocks(v, indices, block)
+    if gates is not None:
+        fk = fk * gates[..., None, None]
+    fk, fv = (rearrange(t, "b h i s l d -> b h i (s l) d") for t in (fk, fv))
+    key_visible = rearrange(key_visible, "b h i s l -> b h 1 i (s l)")
+    fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
+    logits = einsum(fq, fk, "b h g i d, b h i j d -> b h g i j") * scale
+    logits = logits.masked_fill(~key_visible, -torch.finfo(logits.dtype).max)
+    out = einsum(logits.softmax(dim=-1), fv, "b h g i j, b h i j d -> b h g i d")
+    return rearrange(out, "b h g i d -> b (h g) i d")
+
+
+def fine_mask(indices: Tensor, selected: Tensor, seq_len: int, block: int, causal: bool) -> Tensor:
+    """The same visibility as a dense mask (b, h, n, n): may query i see key j?"""
+    if causal:
+        selected = past_blocks_only(indices, selected, block)
+    num_blocks = math.ceil(seq_len / block)
+    chosen = torch.zeros(*indices.shape[:-1], num_blocks, dtype=torch.bool, device=indices.device)
+    chosen = chosen.scatter(-1, indices, selected)  # (b, h, i, w)
+    key_block = torch.arange(seq_len, device=indices.device) // block
+    mask = chosen[..., key_block]  # (b, h, i, j)
+    if causal:
+        positions = torch.arange(seq_len, device=indices.device)
+        diagonal = (key_block[:, None] == key_block[None, :]) & (positions[:, None] >= positions)
+        mask = mask | diagonal
+    return mask
+
+
+def fine_attention_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    selected: Tensor,
+    block: int,
+    causal: bool,
+    gates: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Fine attention through a dense (n, n) mask; same arguments and result as gathered."""
+    n, h = q.shape[-2], indices.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if causal:
+        selected = past_blocks_only(indices, selected, block)
+    mask = fine_mask(indices, selected, n, block, causal)  # (b, h, i, j)
+    k, v = (repeat(t, "b hk j d -> b (hk g) j d", g=h // k.shape[1]) for t in (k, v))
+    fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
+    logits = einsum(fq, k, "b h g i d, b h j d -> b h g i j") * scale
+    if gates is not None:
+        num_blocks = math.ceil(n / block)
+        block_gates = torch.ones(
+            *indices.shape[:-1], num_blocks, dtype=gates.dtype, device=q.device
+        )
+        # only selected blocks are gated: a query's own block keeps a constant 1
+        block_gates = block_gates.scatter(-1, indices, torch.where(selected, gates, 1.0))
+        key_block = torch.arange(n, device=q.device) // block
+        logits = logits * block_gates[..., key_block][:, :, None]
+    logits = logits.masked_fill(~mask[:, :, None], -torch.finfo(logits.dtype).max)
+    out = einsum(logits.softmax(dim=-1), v, "b h g i j, b h j d -> b h g i d")
+    out = rearrange(out, "b h g i d -> b (h g) i d")
+    if causal:
+        return out  # every query sees at least itself
+    sees_nothing = repeat(~mask.any(dim=-1), "b h i -> b (h g) i 1", g=q.shape[1] // h)
+    return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, q.shape[1]), out)
+
+
+def _mean_of_chosen_values(v: Tensor, indices: Tensor, block: int, heads: int) -> Tensor:
+    """What the gathered softmax gives a query that sees no key: the plain mean of the
+    values of its s chosen blocks, block * s slots (zero padding included)."""
+    v = _pad_rows(v, -v.shape[-2] % block)
+    sums = rearrange(v, "b h (w l) d -> b h w l d", l=block).sum(dim=-2)  # (b, h, w, d)
+    batch = torch.arange(indices.shape[0], device=v.device)[:, None, None, None]
+    head = torch.arange(indices.shape[1], device=v.device)[None, :, None, None]
+    mean = sums[batch, head, indices].sum(dim=-2) / (indices.shape[-1] * block)  # (b, h, i, d)
+    return repeat(mean, "b h i d -> b (h g) i d", g=heads // indices.shape[1])
+
+
+def block_causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, block: int, causal: bool, scale: float | None = None
+) -> Tensor:
+    """Fine attention with no selected blocks: each query sees only its own block.
+
+    Causal: keys j <= i of the block. Not causal: the whole block, including the zero
+    padding of a last partial block, exactly as the reference computes it.
+    """
+    batch, n = q.shape[0], q.shape[-2]
+    q, k, v = (_pad_rows(t, -n % block) for t in (q, k, v))
+    q, k, v = (rearrange(t, "b h (w l) d -> (b w) h l d", l=block) for t in (q, k, v))
+    mask = torch.ones(block, block, dtype=torch.bool, device=q.device).tril() if causal else None
+    out, _ = attend(q, k, v, mask=mask, scale=scale)
+    return rearrange(out, "(b w) h l d -> b h (w l) d", b=batch)[..., :n, :]
+
+
+def selection_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    importance: Tensor,
+    num_selected: int,
+    block: int,
+    causal: bool,
+    diff_topk: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The selection branch: pick the top-n blocks by importance (b, h, n, w) and attend.
+
+    With no block to pick (num_selected 0, or no complete block yet), each query
+    attends to its own block only. Blocks whose importance is <= 1e-10 are skipped.
+    """
+    values, indices = top_blocks(importance, num_selected)
+    if indices.shape[-1] == 0:
+        return block_causal_attention(q, k, v, block, causal, scale)
+    selected = values > SELECTED_THRESHOLD
+    gates = straight_through_gates(values) if diff_topk else None
+    dense = q.shape[-2] <= DENSE_MAX_SEQ_LEN
+    attention = fine_attention_dense if dense else fine_attention_gathered
+    return attention(q, k, v, indices, selected, block, causal, gates, scale)
