@@ -1,0 +1,204 @@
+"""The assembled SparseAttention: the reference's weights, numbers and gradients; errors."""
+
+import contextlib
+import io
+import itertools
+import warnings
+
+import pytest
+import torch
+from native_sparse_attention_pytorch import SparseAttention as Reference
+
+from nsa_tutorial import SparseAttention
+
+CONFIGS = [
+    dict(
+        dim=16,
+        dim_head=8,
+        heads=heads,
+        kv_heads=kv_heads,
+        sliding_window_size=3,
+        compress_block_size=block,
+        compress_block_sliding_stride=stride,
+        selection_block_size=stride * multiple,
+        num_selected_blocks=num_selected,
+        causal=causal,
+        use_diff_topk=diff_topk,
+        query_heads_share_selected_kv=shared,
+    )
+    for causal, (heads, kv_heads), (
+        block,
+        stride,
+    ), multiple, num_selected, diff_topk, shared in itertools.product(
+        [True, False],
+        [(2, 2), (4, 2), (4, 1)],
+        [(4, 4), (8, 4), (4, 2)],
+        [1, 3],
+        [0, 2],
+        [False, True],
+        [True, False],
+    )
+    if not (diff_topk and not causal) and not (shared and heads == kv_heads and not diff_topk)
+]
+
+
+def pair(config, seed=0):
+    """A reference module with non-trivial weights, and ours loaded from its state_dict."""
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = Reference(**config)
+        ours = SparseAttention(**config)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours
+
+
+def gradients(model, x, out, weights, names):
+    """Gradients of mean(out * weights) for x and the named parameters (zeros where unused)."""
+    params = dict(model.named_parameters())
+    inputs = [x, *(params[name] for name in names)]
+    grads = torch.autograd.grad((out * weights).mean(), inputs, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
+
+
+def config_id(config):
+    return "-".join(str(value) for value in list(config.values())[3:])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_outputs_and_gradients_equal_the_reference(config):
+    reference, ours = pair(config)
+    names = [name for name, p in reference.named_parameters() if p.requires_grad]
+    for n in (1, 5, 17, 40):
+        x = torch.randn(2, n, 16, requires_grad=True)
+        expected, got = reference(x), ours(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        weights = torch.randn_like(expected)
+        for name, a, b in zip(
+            ["x", *names],
+            gradients(reference, x, expected, weights, names),
+            gradients(ours, x, got, weights, names),
+            strict=True,
+        ):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"gradient of {name}, n={n}")
+
+
+def test_state_dict_round_trip_and_defaults():
+    config = CONFIGS[0]
+    reference, ours = pair(config)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    default = SparseAttention(
+        dim=16,
+        dim_head=8,
+        heads=2,
+        sliding_window_size=4,
+        compress_block_size=8,
+        selection_block_size=8,
+        num_selected_blocks=1,
+    )
+    assert default.compress_block_sliding_stride == 8
+    bias = default.to_strategy_combine[0].bias.reshape(2, 3)
+    assert bias.tolist() == [[-2.0, -2.0, 2.0]] * 2
+    assert default.to_strategy_combine[0].weight.abs().max() == 0
+
+
+BASE = dict(
+    dim=16,
+    dim_head=8,
+    heads=4,
+    sliding_window_size=4,
+    compress_block_size=8,
+    compress_block_sliding_stride=4,
+    selection_block_size=8,
+    num_selected_blocks=2,
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (
+            {"heads": 4, "kv_heads": 3},
+            ValueError,
+            "heads must be a multiple of kv_heads .* heads=4, kv_heads=3",
+        ),
+        ({"kv_heads": 8}, ValueError, "kv_heads <= heads.*heads=4, kv_heads=8"),
+        ({"dim": 0}, ValueError, "dim must be positive, got dim=0"),
+        ({"dim_head": 8.0}, TypeError, "dim_head must be an int, got dim_head=8.0"),
+        ({"sliding_window_size": -1}, ValueError, "sliding_window_size must be positive"),
+        ({"compress_block_size": 0}, ValueError, "compress_block_size must be positive"),
+        (
+            {"compress_block_sliding_stride": 16},
+            ValueError,
+            "compress_block_sliding_stride must be <= compress_block_size, "
+            "got compress_block_sliding_stride=16",
+        ),
+        (
+            {"selection_block_size": 6},
+            ValueError,
+            "selection_block_size must be a multiple of compress_block_sliding_stride "
+            "unless interpolated",
+        ),
+        (
+            {"num_compressed_mem_kv": 0},
+            ValueError,
+            "num_compressed_mem_kv must be positive, got num_compressed_mem_kv=0",
+        ),
+        (
+            {"num_selected_blocks": -1},
+            ValueError,
+            "num_selected_blocks must be an int >= 0, got num_selected_blocks=-1",
+        ),
+        ({"selection_block_size": None}, TypeError, "SparseAttention needs selection_block_size"),
+        (
+            {"use_triton_kernel": True},
+            ValueError,
+            "use_triton_kernel=True needs the Triton selection kernel",
+        ),
+    ],
+)
+def test_bad_configuration(change, error, message):
+    with pytest.raises(error, match=message):
+        SparseAttention(**{**BASE, **change})
+
+
+def test_interpolation_allows_any_selection_block():
+    model = SparseAttention(
+        **{**BASE, "selection_block_size": 6, "interpolated_importance_score": True}
+    )
+    assert model(torch.randn(1, 20, 16)).shape == (1, 20, 16)
+
+
+def test_zero_selected_blocks_warns():
+    with pytest.warns(UserWarning, match="num_selected_blocks=0"):
+        SparseAttention(**{**BASE, "num_selected_blocks": 0})
+
+
+@pytest.mark.parametrize(
+    ("inp", "error", "message"),
+    [
+        (
+            torch.randn(2, 16),
+            ValueError,
+            r"shape \(batch, seq_len, dim\), got inp of shape \(2, 16\)",
+        ),
+        (
+            torch.randn(2, 5, 12),
+            ValueError,
+            r"last dimension must equal dim=16, got inp of shape \(2, 5, 12\)",
+        ),
+        (
+            torch.ones(2, 5, 16, dtype=torch.long),
+            TypeError,
+            "floating-point tensor, got dtype torch.int64",
+        ),
+        (torch.randn(2, 0, 16), ValueError, "at least one token"),
+        ([[0.0] * 16], TypeError, "inp must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input(inp, error, message):
+    with pytest.raises(error, match=message):
+        SparseAttention(**BASE)(inp)
