@@ -49,14 +49,19 @@ def _pad_rows(x: Tensor, rows: int, value: float | bool = 0) -> Tensor:
     return F.pad(x, (0, 0, 0, rows), value=value)
 
 
-def past_blocks_only(indices: Tensor, selected: Tensor, block: int) -> Tensor:
+def past_blocks_only(indices: Tensor, selected: Tensor, block: int, first_query: int = 0) -> Tensor:
     """When causal, a selected block counts only if it ends before the query's own block.
 
     Importance already gives the own and later blocks ~0, so this changes nothing in
     the module; it keeps both fine-attention paths causal and equal for any indices.
     """
-    own = torch.arange(indices.shape[-2], device=indices.device)[:, None] // block  # (i, 1)
+    own = _query_positions(indices, first_query)[:, None] // block  # (i, 1)
     return selected & (indices < own)
+
+
+def _query_positions(indices: Tensor, first_query: int) -> Tensor:
+    """Positions of the queries whose rows `indices` (b, h, i, s) holds."""
+    return torch.arange(indices.shape[-2], device=indices.device) + first_query
 
 
 def gather_blocks(x: Tensor, indices: Tensor, block: int) -> Tensor:
@@ -120,18 +125,30 @@ def fine_attention_gathered(
     return rearrange(out, "b h g i d -> b (h g) i d")
 
 
-def fine_mask(indices: Tensor, selected: Tensor, seq_len: int, block: int, causal: bool) -> Tensor:
-    """The same visibility as a dense mask (b, h, n, n): may query i see key j?"""
+def fine_mask(
+    indices: Tensor,
+    selected: Tensor,
+    seq_len: int,
+    block: int,
+    causal: bool,
+    first_query: int = 0,
+    num_keys: int | None = None,
+) -> Tensor:
+    """The same visibility as a dense mask (b, h, i, j): may query i see key j?
+
+    Rows are the queries first_query, first_query + 1, ... of a sequence of seq_len
+    tokens; columns its first num_keys keys (all by default).
+    """
     if causal:
-        selected = past_blocks_only(indices, selected, block)
+        selected = past_blocks_only(indices, selected, block, first_query)
     num_blocks = math.ceil(seq_len / block)
     chosen = torch.zeros(*indices.shape[:-1], num_blocks, dtype=torch.bool, device=indices.device)
     chosen = chosen.scatter(-1, indices, selected)  # (b, h, i, w)
-    key_block = torch.arange(seq_len, device=indices.device) // block
-    mask = chosen[..., key_block]  # (b, h, i, j)
+    keys = torch.arange(seq_len if num_keys is None else num_keys, device=indices.device)
+    mask = chosen[..., keys // block]  # (b, h, i, j)
     if causal:
-        positions = torch.arange(seq_len, device=indices.device)
-        diagonal = (key_block[:, None] == key_block[None, :]) & (positions[:, None] >= positions)
+        queries = _query_positions(indices, first_query)[:, None]
+        diagonal = (queries // block == keys // block) & (queries >= keys)
         mask = mask | diagonal
     return mask
 
@@ -146,32 +163,54 @@ def fine_attention_dense(
     causal: bool,
     gates: Tensor | None = None,
     scale: float | None = None,
+    chunk: int = 256,
 ) -> Tensor:
-    """Fine attention through a dense (n, n) mask; same arguments and result as gathered."""
+    """Fine attention through a dense mask; same arguments and result as gathered.
+
+    Queries go `chunk` at a time so that the mask and scores stay (chunk, n); when
+    causal, a chunk only looks at the keys up to its last query (half the work).
+    """
     n, h = q.shape[-2], indices.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if causal:
         selected = past_blocks_only(indices, selected, block)
-    mask = fine_mask(indices, selected, n, block, causal)  # (b, h, i, j)
+    if gates is not None:
+        # only selected blocks are gated: a query's own block keeps a constant 1
+        gates = torch.where(selected, gates, 1.0)
     k, v = (repeat(t, "b hk j d -> b (hk g) j d", g=h // k.shape[1]) for t in (k, v))
     fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
-    logits = einsum(fq, k, "b h g i d, b h j d -> b h g i j") * scale
-    if gates is not None:
-        num_blocks = math.ceil(n / block)
-        block_gates = torch.ones(
-            *indices.shape[:-1], num_blocks, dtype=gates.dtype, device=q.device
-        )
-        # only selected blocks are gated: a query's own block keeps a constant 1
-        block_gates = block_gates.scatter(-1, indices, torch.where(selected, gates, 1.0))
-        key_block = torch.arange(n, device=q.device) // block
-        logits = logits * block_gates[..., key_block][:, :, None]
-    logits = logits.masked_fill(~mask[:, :, None], -torch.finfo(logits.dtype).max)
-    out = einsum(logits.softmax(dim=-1), v, "b h g i j, b h j d -> b h g i d")
+    out = torch.cat(
+        [
+            _dense_rows(fq, k, v, indices, selected, gates, block, causal, scale, start, chunk)
+            for start in range(0, n, chunk)
+        ],
+        dim=-2,
+    )
     out = rearrange(out, "b h g i d -> b (h g) i d")
     if causal:
         return out  # every query sees at least itself
+    mask = fine_mask(indices, selected, n, block, causal)
     sees_nothing = repeat(~mask.any(dim=-1), "b h i -> b (h g) i 1", g=q.shape[1] // h)
     return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, q.shape[1]), out)
+
+
+def _dense_rows(fq, k, v, indices, selected, gates, block, causal, scale, start, chunk):
+    """Fine attention of the queries start .. start + chunk - 1: (b, h, g, rows, d)."""
+    n = k.shape[-2]
+    rows = slice(start, min(start + chunk, n))
+    keys = rows.stop if causal else n
+    indices, selected = indices[..., rows, :], selected[..., rows, :]
+    mask = fine_mask(indices, selected, n, block, causal, start, keys)  # (b, h, i, j)
+    logits = einsum(fq[..., rows, :], k[..., :keys, :], "b h g i d, b h j d -> b h g i j") * scale
+    if gates is not None:
+        block_gates = torch.ones(
+            *indices.shape[:-1], math.ceil(n / block), dtype=gates.dtype, device=fq.device
+        )
+        block_gates = block_gates.scatter(-1, indices, gates[..., rows, :])
+        key_block = torch.arange(keys, device=fq.device) // block
+        logits = logits * block_gates[..., key_block][:, :, None]
+    logits = logits.masked_fill(~mask[:, :, None], -torch.finfo(logits.dtype).max)
+    return einsum(logits.softmax(dim=-1), v[..., :keys, :], "b h g i j, b h j d -> b h g i d")
 
 
 def _mean_of_chosen_values(v: Tensor, indices: Tensor, block: int, heads: int) -> Tensor:

@@ -1,5 +1,7 @@
 """Stage 04 functions: top-n, gathering, and both fine-attention paths against the loop spec."""
 
+import functools
+
 import pytest
 import torch
 
@@ -80,3 +82,19 @@ def test_straight_through_gates_are_one_forward_and_identity_backward():
     torch.testing.assert_close(gates, torch.ones(5))
     (grad,) = torch.autograd.grad(gates.sum(), values)
     torch.testing.assert_close(grad, torch.ones(5))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_dense_path_in_query_chunks_equals_the_gathered_path(causal, chunk):
+    g = torch.Generator().manual_seed(chunk)
+    q, k, v = (torch.randn(2, heads, 19, 8, generator=g, requires_grad=True) for heads in (4, 2, 2))
+    importance = torch.rand(2, 2, 19, 4, generator=g, requires_grad=True)
+    results = []
+    for path in (functools.partial(fine_attention_dense, chunk=chunk), fine_attention_gathered):
+        values, indices = top_blocks(importance, 2)
+        out = path(q, k, v, indices, values > 0.3, 4, causal, straight_through_gates(values))
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v, importance))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
