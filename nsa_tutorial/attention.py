@@ -13,12 +13,14 @@ the version of the class this course grew from.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from copy import deepcopy
 
 import torch
 from einops import einsum, rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from nsa_tutorial.compress import (
     compress,
@@ -30,7 +32,7 @@ from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
 from nsa_tutorial.selection import selection_attention
-from nsa_tutorial.sliding import sliding_window_attention
+from nsa_tutorial.sliding import sliding_window_attention, sliding_window_attention_flex
 from nsa_tutorial.validation import require_positive_int
 
 STRATEGIES = ("compressed", "selected", "sliding")
@@ -44,6 +46,22 @@ def default_strategy_gates(dim: int, heads: int) -> nn.Linear:
     with torch.no_grad():
         linear.bias.copy_(torch.tensor([-2.0, -2.0, 2.0] * heads))
     return linear
+
+
+def strategy_gate_network(mlp: nn.Module, heads: int) -> nn.Sequential:
+    """mlp (dim -> 3 * heads) -> sigmoid -> gates (b, heads, n, 3), one per branch (Eq. 5).
+
+    Each gate is its own sigmoid, so the branches are not forced to share a total of 1.
+    """
+    return nn.Sequential(mlp, nn.Sigmoid(), Rearrange("b n (h s) -> b h n s", h=heads))
+
+
+def combine_branches(
+    gates: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor
+) -> Tensor:
+    """Eq. 5: gates (b, h, n, 3) weigh the branch outputs (b, h, n, d) -> (b, h, n, d)."""
+    branches = torch.stack((compressed, selected, sliding))  # (3, b, h, n, d)
+    return einsum(gates, branches, "b h n s, s b h n d -> b h n d")
 
 
 class SparseAttention(nn.Module):
@@ -136,14 +154,31 @@ class SparseAttention(nn.Module):
 
         if strategy_combine_mlp is None:
             strategy_combine_mlp = default_strategy_gates(dim, heads)
-        self.to_strategy_combine = nn.Sequential(
-            strategy_combine_mlp, nn.Sigmoid(), Rearrange("b n (h s) -> b h n s", h=heads)
-        )
+        self.to_strategy_combine = strategy_gate_network(strategy_combine_mlp, heads)
         self.combine_heads = nn.Linear(dim_head * heads, dim, bias=False)
 
-    def forward(self, inp: Tensor) -> Tensor:
-        """inp (b, n, dim) -> (b, n, dim)."""
+    def forward(
+        self,
+        inp: Tensor,
+        *,
+        sliding_window_flex_mask: BlockMask | None = None,
+        fine_selection_flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
+    ) -> Tensor:
+        """inp (b, n, dim) -> (b, n, dim).
+
+        The flex-attention masks, from `nsa_tutorial.sliding.sliding_window_flex_mask`
+        and `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
+        compute the sliding and selected branches with flex attention instead; the
+        numbers are the same.
+        """
         self._check_input(inp)
+        if sliding_window_flex_mask is not None:
+            lengths = tuple(sliding_window_flex_mask.seq_lengths)
+            if lengths[0] != inp.shape[1]:
+                raise ValueError(
+                    f"sliding_window_flex_mask was built for {lengths[0]} queries, "
+                    f"but inp has seq_len={inp.shape[1]}"
+                )
         inp = self.norm(inp)
         q, k, v = self.to_qkv(inp).split(self.qkv_split, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", d=self.dim_head) for t in (q, k, v))
@@ -151,14 +186,18 @@ class SparseAttention(nn.Module):
         compressed, logits = self.compressed_branch(q, k, v)
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
         rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
-        selected = self.selected_branch(rotated_q, rotated_k, v, logits)
-        sliding = sliding_window_attention(
-            rotated_q, rotated_k, v, self.sliding_window_size, self.causal, self.scale
-        )
+        selected = self.selected_branch(rotated_q, rotated_k, v, logits, fine_selection_flex_mask)
+        if sliding_window_flex_mask is None:
+            sliding = sliding_window_attention(
+                rotated_q, rotated_k, v, self.sliding_window_size, self.causal, self.scale
+            )
+        else:
+            sliding = sliding_window_attention_flex(
+                rotated_q, rotated_k, v, sliding_window_flex_mask, self.scale
+            )
 
         gates = self.to_strategy_combine(inp)  # (b, h, n, 3)
-        branches = torch.stack((compressed, selected, sliding))  # (3, b, h, n, d)
-        out = einsum(gates, branches, "b h n s, s b h n d -> b h n d")
+        out = combine_branches(gates, compressed, selected, sliding)
         return self.combine_heads(rearrange(out, "b h n d -> b n (h d)"))
 
     def compressed_branch(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,7 +213,14 @@ class SparseAttention(nn.Module):
             q, ck, cv, self.num_mem_compress_kv, stride, self.causal, self.scale
         )
 
-    def selected_branch(self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor) -> Tensor:
+    def selected_branch(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        logits: Tensor,
+        flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
+    ) -> Tensor:
         """Fine attention over the top blocks chosen from the compressed logits."""
         group = self.num_grouped_queries if self.query_heads_share_selected_kv else None
         importance = importance_scores(
@@ -195,6 +241,7 @@ class SparseAttention(nn.Module):
             self.causal,
             self.use_diff_topk,
             self.scale,
+            flex_mask,
         )
 
     def _check_input(self, inp: Tensor) -> None:

@@ -14,16 +14,18 @@ block-causal diagonal of the paper's Fig. 2. Two ways compute the same thing:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nsa_tutorial.attend import attend
 
 SELECTED_THRESHOLD = 1e-10  # blocks with importance at or below this are not attended
-DENSE_MAX_SEQ_LEN = 8192  # longest sequence for the dense path (benchmarks/fine_attention_cpu.py)
+DENSE_MAX_SEQ_LEN = 32768  # dense up to here: benchmarks/fine_attention_cpu.py, notebook 04
 
 
 def top_blocks(importance: Tensor, num_selected: int) -> tuple[Tensor, Tensor]:
@@ -213,11 +215,72 @@ def _dense_rows(fq, k, v, indices, selected, gates, block, causal, scale, start,
     return einsum(logits.softmax(dim=-1), v[..., :keys, :], "b h g i j, b h j d -> b h g i d")
 
 
+def fine_selection_flex_mask(
+    seq_len: int, block: int, causal: bool
+) -> Callable[[Tensor, Tensor, int], BlockMask]:
+    """A builder for SparseAttention's `fine_selection_flex_mask` argument.
+
+    The module calls it with each query's block indices and selected flags
+    (b, h, n, s) and the number of query heads per selection head; it returns the
+    flex-attention BlockMask of the same visibility as `fine_mask`.
+    """
+
+    def build(indices: Tensor, selected: Tensor, num_grouped_queries: int) -> BlockMask:
+        if indices.shape[-2] != seq_len:
+            raise ValueError(
+                f"fine_selection_flex_mask was built for {seq_len} tokens, "
+                f"but the sequence has {indices.shape[-2]}"
+            )
+        if causal:
+            selected = past_blocks_only(indices, selected, block)
+        num_blocks = math.ceil(seq_len / block)
+        chosen = torch.zeros(
+            *indices.shape[:-1], num_blocks, dtype=torch.bool, device=indices.device
+        )
+        chosen = chosen.scatter(-1, indices, selected)  # (b, h, n, w)
+
+        def visible(batch, head, query, key):
+            picked = chosen[batch, head // num_grouped_queries, query, key // block]
+            if not causal:
+                return picked
+            return (query >= key) & ((query // block == key // block) | picked)
+
+        heads = indices.shape[1] * num_grouped_queries
+        return create_block_mask(
+            visible, indices.shape[0], heads, seq_len, seq_len, device=indices.device
+        )
+
+    return build
+
+
+def fine_attention_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    selected: Tensor,
+    block: int,
+    causal: bool,
+    block_mask: BlockMask,
+    scale: float | None = None,
+) -> Tensor:
+    """Fine attention through flex attention; the same result as the other two paths."""
+    out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    if causal:
+        return out  # every query sees at least itself
+    heads = q.shape[1]
+    sees_nothing = repeat(
+        ~selected.any(dim=-1), "b h i -> b (h g) i 1", g=heads // indices.shape[1]
+    )
+    return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, heads), out)
+
+
 def _mean_of_chosen_values(v: Tensor, indices: Tensor, block: int, heads: int) -> Tensor:
     """What the gathered softmax gives a query that sees no key: the plain mean of the
     values of its s chosen blocks, block * s slots (zero padding included)."""
     v = _pad_rows(v, -v.shape[-2] % block)
-    sums = rearrange(v, "b h (w l) d -> b h w l d", l=block).sum(dim=-2)  # (b, h, w, d)
+    sums = rearrange(v, "b h (w l) d -> b h w l d", l=block).sum(dim=-2)  # (b, hk, w, d)
+    sums = repeat(sums, "b h w d -> b (h g) w d", g=indices.shape[1] // sums.shape[1])
     batch = torch.arange(indices.shape[0], device=v.device)[:, None, None, None]
     head = torch.arange(indices.shape[1], device=v.device)[None, :, None, None]
     mean = sums[batch, head, indices].sum(dim=-2) / (indices.shape[-1] * block)  # (b, h, i, d)
@@ -250,16 +313,27 @@ def selection_attention(
     causal: bool,
     diff_topk: bool = False,
     scale: float | None = None,
+    flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
 ) -> Tensor:
     """The selection branch: pick the top-n blocks by importance (b, h, n, w) and attend.
 
     With no block to pick (num_selected 0, or no complete block yet), each query
     attends to its own block only. Blocks whose importance is <= 1e-10 are skipped.
+    `flex_mask`, a builder from `fine_selection_flex_mask`, computes it with flex
+    attention instead.
     """
     values, indices = top_blocks(importance, num_selected)
     if indices.shape[-1] == 0:
         return block_causal_attention(q, k, v, block, causal, scale)
     selected = values > SELECTED_THRESHOLD
+    if flex_mask is not None:
+        if diff_topk:
+            raise ValueError(
+                "fine_selection_flex_mask cannot be combined with use_diff_topk=True: flex "
+                "attention has no way to scale the selected keys by the gates"
+            )
+        block_mask = flex_mask(indices, selected, q.shape[1] // indices.shape[1])
+        return fine_attention_flex(q, k, v, indices, selected, block, causal, block_mask, scale)
     gates = straight_through_gates(values) if diff_topk else None
     dense = q.shape[-2] <= DENSE_MAX_SEQ_LEN
     attention = fine_attention_dense if dense else fine_attention_gathered

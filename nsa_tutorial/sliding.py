@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 def sliding_window_mask(seq_len: int, window: int, causal: bool) -> Tensor:
@@ -66,3 +67,28 @@ def sliding_window_attention(
     logits = logits.masked_fill(~visible, -torch.finfo(logits.dtype).max)
     out = einsum(logits.softmax(dim=-1), v, "b h g c i j, b h c j d -> b h g c i d")
     return rearrange(out, "b h g c w d -> b (h g) (c w) d")[..., :n, :]
+
+
+def sliding_window_flex_mask(seq_len: int, window: int, causal: bool) -> BlockMask:
+    """A flex-attention BlockMask of the same window, for SparseAttention's
+    `sliding_window_flex_mask` argument.
+
+    Not causal, the keys are padded with zeros to a multiple of the window, as the
+    default path (and the reference) does, so both give the same numbers.
+    """
+    num_keys = seq_len if causal else seq_len + (-seq_len % window)
+
+    def visible(batch, head, query, key):
+        distance = query - key
+        return (distance <= window) & (distance >= (0 if causal else -window))
+
+    return create_block_mask(visible, None, None, seq_len, num_keys, device="cpu")
+
+
+def sliding_window_attention_flex(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float | None = None
+) -> Tensor:
+    """The sliding window through flex attention with a mask from sliding_window_flex_mask."""
+    pad = block_mask.seq_lengths[1] - k.shape[-2]
+    k, v = (F.pad(t, (0, 0, 0, pad)) for t in (k, v))
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)

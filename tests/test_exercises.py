@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 import nsa_tutorial
-from nsa_tutorial import compress, importance, selection
+from nsa_tutorial import attention, compress, importance, selection, sliding
 from nsa_tutorial.course import EXERCISES, STAGES, check
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
@@ -39,7 +40,22 @@ PACKAGE = {
     "top_blocks": [selection.top_blocks],
     "gather_blocks": [selection.gather_blocks],
     "fine_attention": [selection.fine_attention_dense, selection.fine_attention_gathered],
+    "sliding_window_mask": [sliding.sliding_window_mask],
+    "sliding_window_attention": [sliding.sliding_window_attention],
+    "strategy_gates": [
+        lambda x, weight, bias, heads: attention.strategy_gate_network(
+            linear_with(weight, bias), heads
+        )(x)
+    ],
+    "combine_branches": [attention.combine_branches],
 }
+
+
+def linear_with(weight, bias):
+    """An nn.Linear holding the given weight (out, in) and bias (out,)."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    linear.load_state_dict({"weight": weight, "bias": bias})
+    return linear
 
 
 @functools.cache

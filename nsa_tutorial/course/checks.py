@@ -16,6 +16,8 @@ from nsa_tutorial.course import (
     stage02_compression,
     stage03_importance,
     stage04_selection,
+    stage05_sliding_window,
+    stage06_gating_assembly,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -25,6 +27,8 @@ STAGES: dict[str, list[Exercise]] = {
     "02": stage02_compression.EXERCISES,
     "03": stage03_importance.EXERCISES,
     "04": stage04_selection.EXERCISES,
+    "05": stage05_sliding_window.EXERCISES,
+    "06": stage06_gating_assembly.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 
