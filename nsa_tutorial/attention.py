@@ -17,11 +17,13 @@ from collections.abc import Callable
 from copy import deepcopy
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from nsa_tutorial.attend import attend
 from nsa_tutorial.compress import (
     compress,
     compressed_attention,
@@ -31,11 +33,14 @@ from nsa_tutorial.compress import (
 from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
-from nsa_tutorial.selection import selection_attention
+from nsa_tutorial.selection import selection_attention, selection_attention_rows
 from nsa_tutorial.sliding import sliding_window_attention, sliding_window_attention_flex
 from nsa_tutorial.validation import require_positive_int
 
 STRATEGIES = ("compressed", "selected", "sliding")
+
+# ((rotated keys, values), ((compressed keys, compressed values), (running keys, values)))
+Cache = tuple[tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]
 
 
 def default_strategy_gates(dim: int, heads: int) -> nn.Linear:
@@ -160,18 +165,29 @@ class SparseAttention(nn.Module):
     def forward(
         self,
         inp: Tensor,
+        cache: Cache | None = None,
         *,
         sliding_window_flex_mask: BlockMask | None = None,
         fine_selection_flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
-    ) -> Tensor:
-        """inp (b, n, dim) -> (b, n, dim).
+        return_cache: bool = False,
+    ) -> Tensor | tuple[Tensor, Cache]:
+        """inp (b, n, dim) -> (b, n, dim); with return_cache=True, also the cache.
 
-        The flex-attention masks, from `nsa_tutorial.sliding.sliding_window_flex_mask`
-        and `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
+        With a `cache` (from an earlier call with return_cache=True), inp is the one
+        next token (b, 1, dim), and the output equals the last row of a full forward
+        over the whole sequence (notebook 07). The flex-attention masks, from
+        `nsa_tutorial.sliding.sliding_window_flex_mask` and
+        `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
         compute the sliding and selected branches with flex attention instead; the
         numbers are the same.
         """
         self._check_input(inp)
+        if return_cache and not self.causal:
+            raise ValueError(
+                "return_cache=True needs causal=True: a cache serves decoding token by token"
+            )
+        if cache is not None:
+            return self._decode(inp, cache, return_cache)
         if sliding_window_flex_mask is not None:
             lengths = tuple(sliding_window_flex_mask.seq_lengths)
             if lengths[0] != inp.shape[1]:
@@ -180,10 +196,10 @@ class SparseAttention(nn.Module):
                     f"but inp has seq_len={inp.shape[1]}"
                 )
         inp = self.norm(inp)
-        q, k, v = self.to_qkv(inp).split(self.qkv_split, dim=-1)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", d=self.dim_head) for t in (q, k, v))
+        q, k, v = self._heads(inp)
 
-        compressed, logits = self.compressed_branch(q, k, v)
+        ck, cv = self.compressed_tokens(k, v)
+        compressed, logits = self.compressed_branch(q, ck, cv)
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
         rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
         selected = self.selected_branch(rotated_q, rotated_k, v, logits, fine_selection_flex_mask)
@@ -195,22 +211,45 @@ class SparseAttention(nn.Module):
             sliding = sliding_window_attention_flex(
                 rotated_q, rotated_k, v, sliding_window_flex_mask, self.scale
             )
+        out = self._combine(inp, compressed, selected, sliding)
+        if not return_cache:
+            return out
+        return out, ((rotated_k, v), ((ck, cv), self._running_buffer(k, v)))
 
+    def _heads(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, kv_heads, n, d)."""
+        q, k, v = self.to_qkv(inp).split(self.qkv_split, dim=-1)
+        return tuple(rearrange(t, "b n (h d) -> b h n d", d=self.dim_head) for t in (q, k, v))
+
+    def _combine(
+        self, inp: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor
+    ) -> Tensor:
         gates = self.to_strategy_combine(inp)  # (b, h, n, 3)
         out = combine_branches(gates, compressed, selected, sliding)
         return self.combine_heads(rearrange(out, "b h n d -> b n (h d)"))
 
-    def compressed_branch(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Attention over memory + compressed keys/values (unrotated); also the logits."""
+    def compressed_tokens(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Compressed keys and values (b, kv_heads, w, d) of unrotated k, v (no memory)."""
         block, stride = self.compress_block_size, self.compress_block_sliding_stride
         ck = compress(k, self.k_intrablock_positions, self.k_compress, block, stride)
         cv = compress(v, self.v_intrablock_positions, self.v_compress, block, stride)
-        ck, cv = (
-            prepend_memory(ck, self.compress_mem_kv[0]),
-            prepend_memory(cv, self.compress_mem_kv[1]),
-        )
+        return ck, cv
+
+    def compressed_branch(
+        self, q: Tensor, ck: Tensor, cv: Tensor, first_query: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Attention over memory + compressed keys/values; also the logits."""
+        ck = prepend_memory(ck, self.compress_mem_kv[0])
+        cv = prepend_memory(cv, self.compress_mem_kv[1])
         return compressed_attention(
-            q, ck, cv, self.num_mem_compress_kv, stride, self.causal, self.scale
+            q,
+            ck,
+            cv,
+            self.num_mem_compress_kv,
+            self.compress_block_sliding_stride,
+            self.causal,
+            self.scale,
+            first_query,
         )
 
     def selected_branch(
@@ -220,8 +259,13 @@ class SparseAttention(nn.Module):
         v: Tensor,
         logits: Tensor,
         flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
+        first_query: int = 0,
     ) -> Tensor:
-        """Fine attention over the top blocks chosen from the compressed logits."""
+        """Fine attention over the top blocks chosen from the compressed logits.
+
+        With first_query > 0 (decoding), q holds the queries from that position on
+        and k, v the whole sequence so far.
+        """
         group = self.num_grouped_queries if self.query_heads_share_selected_kv else None
         importance = importance_scores(
             logits,
@@ -230,7 +274,21 @@ class SparseAttention(nn.Module):
             self.selection_block_size,
             group,
             self.interpolated_importance_score,
+            self.causal,
+            first_query,
         )
+        if first_query:
+            return selection_attention_rows(
+                q,
+                k,
+                v,
+                importance,
+                self.num_selected_blocks,
+                self.selection_block_size,
+                first_query,
+                self.use_diff_topk,
+                self.scale,
+            )
         return selection_attention(
             q,
             k,
@@ -243,6 +301,85 @@ class SparseAttention(nn.Module):
             self.scale,
             flex_mask,
         )
+
+    def _running_buffer(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values (unrotated) after the last compressed block, with the
+        block - stride tokens before them that the next block shares (zeros before 0)."""
+        overlap = self.compress_block_size - self.compress_block_sliding_stride
+        start = (
+            k.shape[-2] // self.compress_block_sliding_stride * self.compress_block_sliding_stride
+        )
+        return tuple(F.pad(t, (0, 0, overlap, 0))[..., start:, :] for t in (k, v))
+
+    def _decode(self, inp: Tensor, cache: Cache, return_cache: bool):
+        """One token (b, 1, dim) after the cached ones: the last row of the full forward."""
+        self._check_cache(inp, cache)
+        (cache_k, cache_v), ((ck, cv), (run_k, run_v)) = cache
+        position = cache_k.shape[-2]
+        block, stride = self.compress_block_size, self.compress_block_sliding_stride
+        inp = self.norm(inp)
+        q, k, v = self._heads(inp)
+
+        run_k, run_v = torch.cat((run_k, k), dim=-2), torch.cat((run_v, v), dim=-2)
+        if run_k.shape[-2] == block:  # this token closes a block: compress it
+            ck = torch.cat(
+                (ck, compress(run_k, self.k_intrablock_positions, self.k_compress, block, block)),
+                -2,
+            )
+            cv = torch.cat(
+                (cv, compress(run_v, self.v_intrablock_positions, self.v_compress, block, block)),
+                -2,
+            )
+            run_k, run_v = run_k[..., stride:, :], run_v[..., stride:, :]
+        compressed, logits = self.compressed_branch(q, ck, cv, position)
+
+        rotated_q = self.rotary_emb.rotate_queries_or_keys(q, offset=position)
+        keys = torch.cat((cache_k, self.rotary_emb.rotate_queries_or_keys(k, offset=position)), -2)
+        values = torch.cat((cache_v, v), dim=-2)
+        selected = self.selected_branch(rotated_q, keys, values, logits, first_query=position)
+        window = slice(max(position - self.sliding_window_size, 0), None)
+        sliding, _ = attend(
+            rotated_q, keys[..., window, :], values[..., window, :], scale=self.scale
+        )
+        out = self._combine(inp, compressed, selected, sliding)
+        if not return_cache:
+            return out
+        return out, ((keys, values), ((ck, cv), (run_k, run_v)))
+
+    def _check_cache(self, inp: Tensor, cache: Cache) -> None:
+        if not self.causal:
+            raise ValueError("decoding with a cache needs causal=True")
+        if inp.shape[1] != 1:
+            raise ValueError(
+                "with a cache, inp must be one new token (batch, 1, dim), "
+                f"got seq_len={inp.shape[1]}"
+            )
+        try:
+            (cache_k, cache_v), ((ck, cv), (run_k, run_v)) = cache
+        except (TypeError, ValueError):
+            raise ValueError(
+                "cache must be what forward(..., return_cache=True) returned: "
+                "((k, v), ((compressed_k, compressed_v), (running_k, running_v)))"
+            ) from None
+        batch, t = inp.shape[0], cache_k.shape[-2]
+        stride = self.compress_block_sliding_stride
+        overlap = self.compress_block_size - stride
+        expected = {
+            "cached keys": (cache_k, t),
+            "cached values": (cache_v, t),
+            "compressed keys": (ck, t // stride),
+            "compressed values": (cv, t // stride),
+            "running keys": (run_k, t - t // stride * stride + overlap),
+            "running values": (run_v, t - t // stride * stride + overlap),
+        }
+        for name, (tensor, length) in expected.items():
+            shape = (batch, self.kv_heads, length, self.dim_head)
+            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
+                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                raise ValueError(
+                    f"the cache does not fit this module and input: its {name} should have "
+                    f"shape {shape} (batch, kv_heads, length, dim_head), got {got}"
+                )
 
     def _check_input(self, inp: Tensor) -> None:
         if not isinstance(inp, Tensor):

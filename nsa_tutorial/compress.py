@@ -74,15 +74,21 @@ def prepend_memory(compressed: Tensor, memory: Tensor) -> Tensor:
 
 
 def compressed_causal_mask(
-    seq_len: int, num_blocks: int, stride: int, num_memory: int, device: torch.device | None = None
+    seq_len: int,
+    num_blocks: int,
+    stride: int,
+    num_memory: int,
+    device: torch.device | None = None,
+    first_query: int = 0,
 ) -> Tensor:
     """(seq_len, num_memory + num_blocks) bool: may query i see compressed token j?
 
     Memory tokens are always visible. Block j is visible once it has ended, strictly:
     its last token (j + 1) * stride - 1 must come before the query. (The paper would
-    let a query see the block it closes; the reference does not.)
+    let a query see the block it closes; the reference does not.) Rows are the
+    queries first_query .. first_query + seq_len - 1 (a decoding step has one).
     """
-    queries = torch.arange(seq_len, device=device)
+    queries = torch.arange(seq_len, device=device) + first_query
     block_ends = (torch.arange(num_blocks, device=device) + 1) * stride - 1
     visible = block_ends[None, :] < queries[:, None]  # (i, w)
     memory = torch.ones(seq_len, num_memory, dtype=torch.bool, device=device)
@@ -97,8 +103,11 @@ def compressed_attention(
     stride: int,
     causal: bool,
     scale: float | None = None,
+    first_query: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Attention of q (b, hq, n, d) over memory + compressed keys/values (b, hk, m + w, d).
+
+    q's rows are the queries first_query, first_query + 1, ...
 
     Returns the output (b, hq, n, d) and the logits (b, hq, n, m + w), which notebook
     03 turns into importance scores. No rotary here: a compressed token stands for a
@@ -107,5 +116,7 @@ def compressed_attention(
     mask = None
     if causal:
         num_blocks = ck.shape[-2] - num_memory
-        mask = compressed_causal_mask(q.shape[-2], num_blocks, stride, num_memory, q.device)
+        mask = compressed_causal_mask(
+            q.shape[-2], num_blocks, stride, num_memory, q.device, first_query
+        )
     return attend(q, ck, cv, mask=mask, scale=scale)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import reduce, repeat
 from torch import Tensor
 
+from nsa_tutorial.attend import masked_logit
+
 SINK_LOGIT = -1e3  # the reference's extra column: blocks far below it get probability ~0
 
 
@@ -38,20 +40,31 @@ def interpolate_linear(scores: Tensor, length: int) -> Tensor:
     return scores[..., left] * (1 - weight) + scores[..., right] * weight
 
 
-def token_scores(scores: Tensor, stride: int, interpolate: bool = False) -> Tensor:
+def token_scores(
+    scores: Tensor, stride: int, interpolate: bool = False, hidden_after: bool = False
+) -> Tensor:
     """Spread block scores (..., w) over the tokens they stand for -> (..., w * stride).
 
     Compressed block j is the newest information at tokens j * stride ..
     (j + 1) * stride - 1. Repeat its score there, or interpolate between neighbouring
-    blocks' scores when `interpolate` is set.
+    blocks' scores when `interpolate` is set. With `hidden_after` (causal), the last
+    block interpolates towards a hidden block after it, as it would if the sequence
+    went on: a query's scores then never depend on how long the sequence is.
     """
-    if interpolate:
-        return interpolate_linear(scores, scores.shape[-1] * stride)
-    return repeat(scores, "... w -> ... (w s)", s=stride)
+    w = scores.shape[-1]
+    if not interpolate:
+        return repeat(scores, "... w -> ... (w s)", s=stride)
+    if hidden_after:
+        scores = F.pad(scores, (0, 1), value=masked_logit(scores.dtype))
+    return interpolate_linear(scores, scores.shape[-1] * stride)[..., : w * stride]
 
 
 def selection_block_scores(
-    scores: Tensor, stride: int, selection_block: int, interpolate: bool = False
+    scores: Tensor,
+    stride: int,
+    selection_block: int,
+    interpolate: bool = False,
+    hidden_after: bool = False,
 ) -> Tensor:
     """Map compressed-block scores (..., w) onto selection blocks (..., w * stride // l').
 
@@ -60,15 +73,19 @@ def selection_block_scores(
     multiple of the stride and no interpolation, this is the mean of the l' / stride
     compressed scores inside each selection block, as in the reference.
     """
-    tokens = token_scores(scores, stride, interpolate)
+    tokens = token_scores(scores, stride, interpolate, hidden_after)
     num_blocks = tokens.shape[-1] // selection_block
     tokens = tokens[..., : num_blocks * selection_block]
     return reduce(tokens, "... (w l) -> ... w", "mean", l=selection_block)
 
 
-def mask_own_block(scores: Tensor, selection_block: int) -> Tensor:
-    """Hide each query's own selection block (..., i, w): fine attention always adds it."""
-    own = torch.arange(scores.shape[-2], device=scores.device) // selection_block
+def mask_own_block(scores: Tensor, selection_block: int, first_query: int = 0) -> Tensor:
+    """Hide each query's own selection block (..., i, w): fine attention always adds it.
+
+    Rows are the queries first_query, first_query + 1, ...
+    """
+    queries = torch.arange(scores.shape[-2], device=scores.device) + first_query
+    own = queries // selection_block
     blocks = torch.arange(scores.shape[-1], device=scores.device)
     return scores.masked_fill(own[:, None] == blocks[None, :], -torch.finfo(scores.dtype).max)
 
@@ -83,9 +100,9 @@ def softmax_with_sink(scores: Tensor) -> Tensor:
     return padded.softmax(dim=-1)[..., 1:]
 
 
-def block_probabilities(scores: Tensor, selection_block: int) -> Tensor:
+def block_probabilities(scores: Tensor, selection_block: int, first_query: int = 0) -> Tensor:
     """Selection-block scores (..., i, w) -> probabilities, each query's own block hidden."""
-    return softmax_with_sink(mask_own_block(scores, selection_block))
+    return softmax_with_sink(mask_own_block(scores, selection_block, first_query))
 
 
 def importance_scores(
@@ -95,6 +112,8 @@ def importance_scores(
     selection_block: int,
     group_size: int | None,
     interpolate: bool = False,
+    causal: bool = False,
+    first_query: int = 0,
 ) -> Tensor:
     """Selection-block probabilities from compressed attention logits (b, hq, i, m + w).
 
@@ -102,12 +121,13 @@ def importance_scores(
     or None to keep one score per query head. When the stride equals the selection
     block, compressed blocks already are selection blocks and pass unchanged (a
     query's own block is then hidden by the causal rule, not by a mask, as in the
-    reference). Returns (b, h, i, blocks).
+    reference). Rows are the queries first_query, first_query + 1, ...; `causal`
+    only changes interpolation (see token_scores). Returns (b, h, i, blocks).
     """
     scores = compressed_logits[..., num_memory:]  # memory tokens are not blocks
     if group_size is not None:
         scores = group_mean(scores, group_size)
     if stride != selection_block:
-        scores = selection_block_scores(scores, stride, selection_block, interpolate)
-        return block_probabilities(scores, selection_block)
+        scores = selection_block_scores(scores, stride, selection_block, interpolate, causal)
+        return block_probabilities(scores, selection_block, first_query)
     return softmax_with_sink(scores)

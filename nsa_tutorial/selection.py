@@ -172,47 +172,70 @@ def fine_attention_dense(
     Queries go `chunk` at a time so that the mask and scores stay (chunk, n); when
     causal, a chunk only looks at the keys up to its last query (half the work).
     """
-    n, h = q.shape[-2], indices.shape[1]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if causal:
-        selected = past_blocks_only(indices, selected, block)
-    if gates is not None:
-        # only selected blocks are gated: a query's own block keeps a constant 1
-        gates = torch.where(selected, gates, 1.0)
-    k, v = (repeat(t, "b hk j d -> b (hk g) j d", g=h // k.shape[1]) for t in (k, v))
-    fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
+    n = q.shape[-2]
     out = torch.cat(
         [
-            _dense_rows(fq, k, v, indices, selected, gates, block, causal, scale, start, chunk)
+            fine_attention_rows(
+                q[..., start : start + chunk, :],
+                k,
+                v,
+                indices[..., start : start + chunk, :],
+                selected[..., start : start + chunk, :],
+                block,
+                causal,
+                start,
+                None if gates is None else gates[..., start : start + chunk, :],
+                scale,
+            )
             for start in range(0, n, chunk)
         ],
         dim=-2,
     )
-    out = rearrange(out, "b h g i d -> b (h g) i d")
     if causal:
         return out  # every query sees at least itself
-    mask = fine_mask(indices, selected, n, block, causal)
-    sees_nothing = repeat(~mask.any(dim=-1), "b h i -> b (h g) i 1", g=q.shape[1] // h)
+    sees_nothing = repeat(
+        ~selected.any(dim=-1), "b h i -> b (h g) i 1", g=q.shape[1] // indices.shape[1]
+    )
     return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, q.shape[1]), out)
 
 
-def _dense_rows(fq, k, v, indices, selected, gates, block, causal, scale, start, chunk):
-    """Fine attention of the queries start .. start + chunk - 1: (b, h, g, rows, d)."""
-    n = k.shape[-2]
-    rows = slice(start, min(start + chunk, n))
-    keys = rows.stop if causal else n
-    indices, selected = indices[..., rows, :], selected[..., rows, :]
-    mask = fine_mask(indices, selected, n, block, causal, start, keys)  # (b, h, i, j)
-    logits = einsum(fq[..., rows, :], k[..., :keys, :], "b h g i d, b h j d -> b h g i j") * scale
+def fine_attention_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    indices: Tensor,
+    selected: Tensor,
+    block: int,
+    causal: bool,
+    first_query: int,
+    gates: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Fine attention of the queries first_query, first_query + 1, ... (q's rows) over
+    the keys k, v (b, hk, n, d) of the sequence so far, through a dense mask.
+
+    A decoding step is one row; `fine_attention_dense` runs the rows chunk by chunk.
+    """
+    n, h = k.shape[-2], indices.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if causal:
+        selected = past_blocks_only(indices, selected, block, first_query)
+    keys = first_query + q.shape[-2] if causal else n
+    k, v = (repeat(t[..., :keys, :], "b hk j d -> b (hk g) j d", g=h // t.shape[1]) for t in (k, v))
+    mask = fine_mask(indices, selected, n, block, causal, first_query, keys)  # (b, h, i, j)
+    fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
+    logits = einsum(fq, k, "b h g i d, b h j d -> b h g i j") * scale
     if gates is not None:
+        # only selected blocks are gated: a query's own block keeps a constant 1
         block_gates = torch.ones(
-            *indices.shape[:-1], math.ceil(n / block), dtype=gates.dtype, device=fq.device
+            *indices.shape[:-1], math.ceil(n / block), dtype=gates.dtype, device=q.device
         )
-        block_gates = block_gates.scatter(-1, indices, gates[..., rows, :])
-        key_block = torch.arange(keys, device=fq.device) // block
+        block_gates = block_gates.scatter(-1, indices, torch.where(selected, gates, 1.0))
+        key_block = torch.arange(keys, device=q.device) // block
         logits = logits * block_gates[..., key_block][:, :, None]
     logits = logits.masked_fill(~mask[:, :, None], -torch.finfo(logits.dtype).max)
-    return einsum(logits.softmax(dim=-1), v[..., :keys, :], "b h g i j, b h j d -> b h g i d")
+    out = einsum(logits.softmax(dim=-1), v, "b h g i j, b h j d -> b h g i d")
+    return rearrange(out, "b h g i d -> b (h g) i d")
 
 
 def fine_selection_flex_mask(
@@ -301,6 +324,32 @@ def block_causal_attention(
     mask = torch.ones(block, block, dtype=torch.bool, device=q.device).tril() if causal else None
     out, _ = attend(q, k, v, mask=mask, scale=scale)
     return rearrange(out, "(b w) h l d -> b h (w l) d", b=batch)[..., :n, :]
+
+
+def selection_attention_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    importance: Tensor,
+    num_selected: int,
+    block: int,
+    first_query: int,
+    diff_topk: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """The causal selection branch for the queries first_query, ... (q's rows) over the
+    keys k, v of the sequence so far: a decoding step. Same rules as selection_attention."""
+    values, indices = top_blocks(importance, num_selected)
+    if indices.shape[-1] == 0:  # only the own block, up to each query
+        own_start = first_query // block * block
+        rows = torch.arange(q.shape[-2], device=q.device) + first_query
+        keys = torch.arange(own_start, k.shape[-2], device=q.device)
+        mask = (keys[None, :] <= rows[:, None]) & (keys[None, :] // block == rows[:, None] // block)
+        out, _ = attend(q, k[..., own_start:, :], v[..., own_start:, :], mask=mask, scale=scale)
+        return out
+    gates = straight_through_gates(values) if diff_topk else None
+    selected = values > SELECTED_THRESHOLD
+    return fine_attention_rows(q, k, v, indices, selected, block, True, first_query, gates, scale)
 
 
 def selection_attention(
