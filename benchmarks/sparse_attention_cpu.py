@@ -24,8 +24,16 @@ import time
 from pathlib import Path
 
 CONFIG = dict(
-    dim=512, dim_head=64, heads=8, kv_heads=2, sliding_window_size=64, compress_block_size=32,
-    compress_block_sliding_stride=16, selection_block_size=64, num_selected_blocks=16, causal=True,
+    dim=512,
+    dim_head=64,
+    heads=8,
+    kv_heads=2,
+    sliding_window_size=64,
+    compress_block_size=32,
+    compress_block_sliding_stride=16,
+    selection_block_size=64,
+    num_selected_blocks=16,
+    causal=True,
 )
 SEQ_LEN = 4096
 RESULTS = Path(__file__).with_suffix(".json")
@@ -64,8 +72,12 @@ def measure(implementation: str, backward: bool, repeats: int = 2) -> dict:
     for _ in range(repeats):
         step()
     seconds = (time.perf_counter() - start) / repeats
-    return {"implementation": implementation, "pass": "forward+backward" if backward else "forward",
-            "seconds": seconds, "peak_mb": peak_mb}
+    return {
+        "implementation": implementation,
+        "pass": "forward+backward" if backward else "forward",
+        "seconds": seconds,
+        "peak_mb": peak_mb,
+    }
 
 
 def main() -> None:
@@ -78,19 +90,33 @@ def main() -> None:
             args = [sys.executable, __file__, implementation, "backward" if backward else "forward"]
             done = subprocess.run(args, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    RESULTS.write_text(json.dumps({
-        "command": "python benchmarks/sparse_attention_cpu.py",
-        "machine": f"{platform.machine()}, 2 threads",
-        "config": CONFIG, "seq_len": SEQ_LEN, "results": rows,
-    }, indent=1) + "\n")
-    print(f"{'pass':>17} {'reference s':>12} {'ours s':>8} {'time ratio':>11} "
-          f"{'reference MB':>13} {'ours MB':>8} {'memory ratio':>13}")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/sparse_attention_cpu.py",
+                "machine": f"{platform.machine()}, 2 threads",
+                "config": CONFIG,
+                "seq_len": SEQ_LEN,
+                "results": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(
+        f"{'pass':>17} {'reference s':>12} {'ours s':>8} {'time ratio':>11} "
+        f"{'reference MB':>13} {'ours MB':>8} {'memory ratio':>13}"
+    )
     for kind in ("forward", "forward+backward"):
-        ref, ours = (next(r for r in rows if r["pass"] == kind and r["implementation"] == name)
-                     for name in ("reference", "nsa_tutorial"))
-        print(f"{kind:>17} {ref['seconds']:>12.2f} {ours['seconds']:>8.2f} "
-              f"{ours['seconds'] / ref['seconds']:>11.2f} {ref['peak_mb']:>13.0f} "
-              f"{ours['peak_mb']:>8.0f} {ours['peak_mb'] / ref['peak_mb']:>13.2f}")
+        ref, ours = (
+            next(r for r in rows if r["pass"] == kind and r["implementation"] == name)
+            for name in ("reference", "nsa_tutorial")
+        )
+        print(
+            f"{kind:>17} {ref['seconds']:>12.2f} {ours['seconds']:>8.2f} "
+            f"{ours['seconds'] / ref['seconds']:>11.2f} {ref['peak_mb']:>13.0f} "
+            f"{ours['peak_mb']:>8.0f} {ours['peak_mb'] / ref['peak_mb']:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from nsa_tutorial.attend import attend
+from nsa_tutorial.cache import update_running_buffer
 from nsa_tutorial.compress import (
     compress,
     compressed_attention,
@@ -320,17 +321,12 @@ class SparseAttention(nn.Module):
         inp = self.norm(inp)
         q, k, v = self._heads(inp)
 
-        run_k, run_v = torch.cat((run_k, k), dim=-2), torch.cat((run_v, v), dim=-2)
-        if run_k.shape[-2] == block:  # this token closes a block: compress it
-            ck = torch.cat(
-                (ck, compress(run_k, self.k_intrablock_positions, self.k_compress, block, block)),
-                -2,
-            )
-            cv = torch.cat(
-                (cv, compress(run_v, self.v_intrablock_positions, self.v_compress, block, block)),
-                -2,
-            )
-            run_k, run_v = run_k[..., stride:, :], run_v[..., stride:, :]
+        k_block, run_k = update_running_buffer(run_k, k, block, stride)
+        v_block, run_v = update_running_buffer(run_v, v, block, stride)
+        if k_block is not None:  # this token closes a block: compress it
+            new_k = compress(k_block, self.k_intrablock_positions, self.k_compress, block, block)
+            new_v = compress(v_block, self.v_intrablock_positions, self.v_compress, block, block)
+            ck, cv = torch.cat((ck, new_k), dim=-2), torch.cat((cv, new_v), dim=-2)
         compressed, logits = self.compressed_branch(q, ck, cv, position)
 
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q, offset=position)

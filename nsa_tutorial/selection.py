@@ -91,23 +91,26 @@ def fine_attention_gathered(
     causal: bool,
     gates: Tensor | None = None,
     scale: float | None = None,
+    first_query: int = 0,
 ) -> Tensor:
-    """Fine attention by gathering: q (b, hq, n, d), k and v (b, hk, n, d) -> (b, hq, n, d).
+    """Fine attention by gathering: q (b, hq, i, d), k and v (b, hk, n, d) -> (b, hq, i, d).
 
     indices, selected, gates: (b, h, n, s) with h = hk (shared selection) or hq.
     Query i attends to the keys of its selected blocks (where `selected`; when causal,
     only blocks before its own) and, if causal, to keys j <= i of its own block.
-    Selected keys are scaled by `gates`.
+    Selected keys are scaled by `gates`. q's rows are the queries first_query, ...
+    (all n of them by default; a decoding step has one).
     """
-    n, h = q.shape[-2], indices.shape[1]
+    n, h = k.shape[-2], indices.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if causal:
-        selected = past_blocks_only(indices, selected, block)
+        selected = past_blocks_only(indices, selected, block, first_query)
     key_visible = repeat(selected, "b h i s -> b h i s l", l=block)
     if causal:
-        own = repeat(torch.arange(n, device=q.device) // block, "i -> b h i 1", b=q.shape[0], h=h)
+        queries = torch.arange(q.shape[-2], device=q.device) + first_query
+        own = repeat(queries // block, "i -> b h i 1", b=q.shape[0], h=h)
         indices = torch.cat((indices, own), dim=-1)
-        in_block = torch.arange(n, device=q.device) % block
+        in_block = queries % block
         diagonal = in_block[:, None] >= torch.arange(block, device=q.device)[None, :]  # (i, l)
         key_visible = torch.cat(
             (key_visible, diagonal[:, None].expand_as(key_visible[..., :1, :])), -2
@@ -338,7 +341,8 @@ def selection_attention_rows(
     scale: float | None = None,
 ) -> Tensor:
     """The causal selection branch for the queries first_query, ... (q's rows) over the
-    keys k, v of the sequence so far: a decoding step. Same rules as selection_attention."""
+    keys k, v of the sequence so far: a decoding step. Same rules as selection_attention;
+    gathering, so a step reads n * l' keys however long the sequence is."""
     values, indices = top_blocks(importance, num_selected)
     if indices.shape[-1] == 0:  # only the own block, up to each query
         own_start = first_query // block * block
@@ -349,7 +353,9 @@ def selection_attention_rows(
         return out
     gates = straight_through_gates(values) if diff_topk else None
     selected = values > SELECTED_THRESHOLD
-    return fine_attention_rows(q, k, v, indices, selected, block, True, first_query, gates, scale)
+    return fine_attention_gathered(
+        q, k, v, indices, selected, block, True, gates, scale, first_query
+    )
 
 
 def selection_attention(

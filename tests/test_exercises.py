@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nsa_tutorial
-from nsa_tutorial import attention, compress, importance, selection, sliding
+from nsa_tutorial import attention, cache, compress, importance, selection, sliding
 from nsa_tutorial.course import EXERCISES, STAGES, check
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
@@ -48,6 +48,8 @@ PACKAGE = {
         )(x)
     ],
     "combine_branches": [attention.combine_branches],
+    "update_running_buffer": [cache.update_running_buffer],
+    "single_token_selection": [cache.single_token_selection],
 }
 
 

@@ -18,6 +18,7 @@ from nsa_tutorial.course import (
     stage04_selection,
     stage05_sliding_window,
     stage06_gating_assembly,
+    stage07_kv_cache,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -29,6 +30,7 @@ STAGES: dict[str, list[Exercise]] = {
     "04": stage04_selection.EXERCISES,
     "05": stage05_sliding_window.EXERCISES,
     "06": stage06_gating_assembly.EXERCISES,
+    "07": stage07_kv_cache.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 

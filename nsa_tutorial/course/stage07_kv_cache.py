@@ -1,0 +1,146 @@
+"""Checks for notebook 07: the running buffer and the single-token selection."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+
+
+def update_running_buffer_spec(
+    running: Tensor, new: Tensor, block_size: int, stride: int
+) -> tuple[Tensor | None, Tensor]:
+    """Append the new token; with block_size tokens, hand them out as a block and keep
+    the last block_size - stride of them."""
+    buffer = torch.cat((running, new), dim=-2)
+    if buffer.shape[-2] != block_size:
+        return None, buffer
+    keep = block_size - stride
+    return buffer, buffer[..., block_size - keep :, :]
+
+
+def _buffer_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(70)
+
+    def case(r, block, stride):
+        return Case(
+            (
+                torch.randn(1, 2, r, 3, generator=g),
+                torch.randn(1, 2, 1, 3, generator=g),
+                block,
+                stride,
+            )
+        )
+
+    return [case(2, 4, 4), case(3, 4, 4), case(7, 8, 4), case(5, 8, 4), case(3, 4, 2)]
+
+
+def _buffer_with(running, new, block, stride, *, keep=None, full_at=None):
+    buffer = torch.cat((running, new), dim=-2)
+    if buffer.shape[-2] != (block if full_at is None else full_at):
+        return None, buffer
+    kept = block - stride if keep is None else keep
+    return buffer, buffer[..., buffer.shape[-2] - kept :, :]
+
+
+UPDATE_RUNNING_BUFFER = Exercise(
+    name="update_running_buffer",
+    stage="07",
+    spec=update_running_buffer_spec,
+    make_cases=_buffer_cases,
+    mistakes=(
+        Mistake(
+            "after compressing, keep the last block_size - stride tokens: the next block "
+            "shares them when blocks overlap.",
+            lambda r, n, b, s: _buffer_with(r, n, b, s, keep=0),
+        ),
+        Mistake(
+            "a block is full at block_size tokens, not at stride tokens.",
+            lambda r, n, b, s: _buffer_with(r, n, b, s, full_at=s),
+        ),
+    ),
+)
+
+
+def single_token_selection_spec(
+    q: Tensor, k: Tensor, v: Tensor, importance: Tensor, num_selected: int, block: int
+) -> Tensor:
+    """The newest token (position n - 1) attends to its top-n past blocks with
+    importance > 1e-10 and to its own block up to itself."""
+    b, hq, _, d = q.shape
+    n, h = k.shape[-2], importance.shape[1]
+    position = n - 1
+    out = torch.empty_like(q)
+    count = min(num_selected, importance.shape[-1])
+    for bi in range(b):
+        for head in range(hq):
+            scores = importance[bi, head // (hq // h), 0]
+            order = scores.sort(descending=True, stable=True).indices[:count].tolist()
+            keys = set(range(position // block * block, position + 1))
+            for index in order:
+                if scores[index] > 1e-10 and index < position // block:
+                    keys |= set(range(index * block, (index + 1) * block))
+            keys = sorted(keys)
+            kv = head // (hq // k.shape[1])
+            logits = k[bi, kv, keys] @ q[bi, head, 0] * d**-0.5
+            out[bi, head, 0] = logits.softmax(-1) @ v[bi, kv, keys]
+    return out
+
+
+def _selection_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(71)
+
+    def case(hq, hk, h, n, block, s, blocks_visible):
+        q = torch.randn(1, hq, 1, 4, generator=g)
+        k, v = torch.randn(2, 1, hk, n, 4, generator=g).unbind(0)
+        importance = torch.rand(1, h, 1, blocks_visible, generator=g)
+        importance[..., 0] = 0.0  # one block below the threshold
+        return Case((q, k, v, importance, s, block))
+
+    return [case(2, 2, 2, 13, 4, 2, 3), case(4, 2, 2, 16, 4, 5, 3), case(4, 1, 4, 9, 2, 2, 4)]
+
+
+def _without_own_block(q, k, v, importance, s, block):
+    b, hq, _, d = q.shape
+    n, h = k.shape[-2], importance.shape[1]
+    position = n - 1
+    out = torch.empty_like(q)
+    count = min(s, importance.shape[-1])
+    for head in range(hq):
+        scores = importance[0, head // (hq // h), 0]
+        order = scores.sort(descending=True, stable=True).indices[:count].tolist()
+        keys = sorted(
+            {
+                t
+                for i in order
+                if scores[i] > 1e-10 and i < position // block
+                for t in range(i * block, (i + 1) * block)
+            }
+            or {position}
+        )
+        kv = head // (hq // k.shape[1])
+        logits = k[0, kv, keys] @ q[0, head, 0] * d**-0.5
+        out[0, head, 0] = logits.softmax(-1) @ v[0, kv, keys]
+    return out
+
+
+SINGLE_TOKEN_SELECTION = Exercise(
+    name="single_token_selection",
+    stage="07",
+    spec=single_token_selection_spec,
+    make_cases=_selection_cases,
+    mistakes=(
+        Mistake(
+            "the own block is missing: the newest token also reads the keys of its own "
+            "block up to itself.",
+            lambda *a: _without_own_block(*a),
+        ),
+        Mistake(
+            "blocks with importance <= 1e-10 must be skipped.",
+            lambda q, k, v, imp, s, b: single_token_selection_spec(q, k, v, imp + 1.0, s, b),
+        ),
+    ),
+)
+
+EXERCISES = [UPDATE_RUNNING_BUFFER, SINGLE_TOKEN_SELECTION]
