@@ -167,7 +167,7 @@ class SparseAttention(nn.Module):
         self,
         inp: Tensor,
         cache: Cache | None = None,
-        *,
+        disable_triton_kernel: bool = False,
         sliding_window_flex_mask: BlockMask | None = None,
         fine_selection_flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
         return_cache: bool = False,
@@ -180,7 +180,9 @@ class SparseAttention(nn.Module):
         `nsa_tutorial.sliding.sliding_window_flex_mask` and
         `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
         compute the sliding and selected branches with flex attention instead; the
-        numbers are the same.
+        numbers are the same. The arguments are the reference's, in its order;
+        `disable_triton_kernel` asks for the PyTorch selection path, which is the only
+        one until the Triton kernel (notebook 08) can be switched on.
         """
         self._check_input(inp)
         if return_cache and not self.causal:

@@ -33,7 +33,7 @@ CONFIGS = [
         [True, False],
         [(2, 2), (4, 2), (4, 1)],
         [(4, 4), (8, 4), (4, 2)],
-        [1, 3],
+        [1, 3, 4],
         [0, 2],
         [False, True],
         [True, False],
@@ -72,7 +72,8 @@ def config_id(config):
 def test_outputs_and_gradients_equal_the_reference(config):
     reference, ours = pair(config)
     names = [name for name, p in reference.named_parameters() if p.requires_grad]
-    for n in (1, 5, 17, 40):
+    four_times = config["selection_block_size"] == 4 * config["compress_block_sliding_stride"]
+    for n in (1, 5, 17, 40, 300) if four_times else (1, 5, 17, 40):
         x = torch.randn(2, n, 16, requires_grad=True)
         expected, got = reference(x), ours(x)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -202,3 +203,11 @@ def test_zero_selected_blocks_warns():
 def test_bad_input(inp, error, message):
     with pytest.raises(error, match=message):
         SparseAttention(**BASE)(inp)
+
+
+def test_forward_takes_the_reference_arguments_in_order():
+    model = SparseAttention(**(BASE | {"causal": True}))
+    x = torch.randn(1, 10, 16)
+    out, cache = model(x, None, True, None, None, True)  # cache, disable_triton_kernel, ...
+    torch.testing.assert_close(out, model(x))
+    assert len(cache) == 2
