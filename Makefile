@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 # Jupyter kernels started from here must use the course's Python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: lab test check exercises solutions env clean
+.PHONY: lab test check exercises solutions env clean chromium
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,17 @@ lab: $(INSTALLED)
 	$(BIN)/jupyter lab --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb \
 		$(ROOT_FLAG) $(LAB_ARGS)
 
-## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/)
-test: $(INSTALLED)
+## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/,
+## the explorer in headless Chromium, installed with apt-get when missing)
+test: $(INSTALLED) chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg tests solutions
+
+# Debian's chromium for the browser test (a browser download by a test tool fails offline).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 ## make check NB=01: check the exercises of your notebooks/01_*.ipynb
 check: $(INSTALLED)

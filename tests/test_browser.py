@@ -1,0 +1,115 @@
+"""The mask explorer in a real browser: JupyterLab, headless Chromium, a slider moved.
+
+Needs Debian's chromium (`make test` installs it with apt-get when it is missing);
+Playwright drives it through its executable, not a browser download of its own.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from nsa_tutorial.course.notebooks import ROOT, SOLUTIONS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = ROOT / "build" / "explorer.png"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+LAST_IMAGE_CHANGED = """(before) => {
+    const images = document.querySelectorAll('.jupyter-widgets img');
+    return images.length > 0 && images[images.length - 1].src !== before;
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """JupyterLab on a copy of the course (so nothing it saves lands in the repository)."""
+    shutil.copytree(SOLUTIONS, tmp_path / "solutions")
+    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks")
+    port, token = free_port(), "browser-test-token"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--allow-root",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "JupyterLab did not start"
+            time.sleep(1)
+    yield base, token
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)"
+)
+def test_explorer_renders_and_a_slider_redraws_it(lab):
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1400})
+        page.goto(f"{base}/lab/tree/solutions/06_gating_assembly.ipynb?token={token}")
+        page.wait_for_selector(".jp-Notebook", timeout=60_000)
+        # the status bar reads "Python 3 (ipykernel) | Idle" once the kernel is ready
+        page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        page.wait_for_selector(".widget-slider", timeout=180_000)  # widgets, not their text form
+        image = page.locator(".jupyter-widgets img").last
+        image.wait_for(timeout=60_000)
+        before = image.get_attribute("src")
+        handle = page.locator(".widget-slider:has(label:has-text('query')) .noUi-handle").last
+        handle.focus()
+        for _ in range(10):
+            page.keyboard.press("ArrowLeft")
+        page.wait_for_function(LAST_IMAGE_CHANGED, arg=before, timeout=60_000)
+        page.wait_for_selector(".widget-html:has-text('query 85')", timeout=60_000)
+        news = page.get_by_role("button", name="No")  # the "get Jupyter news?" pop-up
+        if news.count():
+            news.first.click()
+            news.first.wait_for(state="detached")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.locator(".jp-OutputArea-output:has(.widget-slider)").last.screenshot(path=SCREENSHOT)
+        browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
