@@ -68,6 +68,10 @@ def single_token_selection_spec(
 ) -> Tensor:
     """The newest token (position n - 1) attends to its top-n past blocks with
     importance > 1e-10 and to its own block up to itself."""
+    return _single_token(q, k, v, importance, num_selected, block, own_block=True)
+
+
+def _single_token(q, k, v, importance, num_selected, block, *, own_block):
     b, hq, _, d = q.shape
     n, h = k.shape[-2], importance.shape[1]
     position = n - 1
@@ -77,11 +81,11 @@ def single_token_selection_spec(
         for head in range(hq):
             scores = importance[bi, head // (hq // h), 0]
             order = scores.sort(descending=True, stable=True).indices[:count].tolist()
-            keys = set(range(position // block * block, position + 1))
+            keys = set(range(position // block * block, position + 1)) if own_block else set()
             for index in order:
                 if scores[index] > 1e-10 and index < position // block:
                     keys |= set(range(index * block, (index + 1) * block))
-            keys = sorted(keys)
+            keys = sorted(keys or {position})
             kv = head // (hq // k.shape[1])
             logits = k[bi, kv, keys] @ q[bi, head, 0] * d**-0.5
             out[bi, head, 0] = logits.softmax(-1) @ v[bi, kv, keys]
@@ -101,30 +105,6 @@ def _selection_cases() -> list[Case]:
     return [case(2, 2, 2, 13, 4, 2, 3), case(4, 2, 2, 16, 4, 5, 3), case(4, 1, 4, 9, 2, 2, 4)]
 
 
-def _without_own_block(q, k, v, importance, s, block):
-    b, hq, _, d = q.shape
-    n, h = k.shape[-2], importance.shape[1]
-    position = n - 1
-    out = torch.empty_like(q)
-    count = min(s, importance.shape[-1])
-    for head in range(hq):
-        scores = importance[0, head // (hq // h), 0]
-        order = scores.sort(descending=True, stable=True).indices[:count].tolist()
-        keys = sorted(
-            {
-                t
-                for i in order
-                if scores[i] > 1e-10 and i < position // block
-                for t in range(i * block, (i + 1) * block)
-            }
-            or {position}
-        )
-        kv = head // (hq // k.shape[1])
-        logits = k[0, kv, keys] @ q[0, head, 0] * d**-0.5
-        out[0, head, 0] = logits.softmax(-1) @ v[0, kv, keys]
-    return out
-
-
 SINGLE_TOKEN_SELECTION = Exercise(
     name="single_token_selection",
     stage="07",
@@ -134,7 +114,7 @@ SINGLE_TOKEN_SELECTION = Exercise(
         Mistake(
             "the own block is missing: the newest token also reads the keys of its own "
             "block up to itself.",
-            lambda *a: _without_own_block(*a),
+            lambda *a: _single_token(*a, own_block=False),
         ),
         Mistake(
             "blocks with importance <= 1e-10 must be skipped.",
