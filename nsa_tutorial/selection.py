@@ -224,7 +224,9 @@ def fine_attention_rows(
     if causal:
         selected = past_blocks_only(indices, selected, block, first_query)
     keys = first_query + q.shape[-2] if causal else n
-    k, v = (repeat(t[..., :keys, :], "b hk j d -> b (hk g) j d", g=h // t.shape[1]) for t in (k, v))
+    k, v = k[..., :keys, :], v[..., :keys, :]  # views: no copy
+    if h != k.shape[1]:  # one selection per query head: each reads its group's keys
+        k, v = (repeat(t, "b hk j d -> b (hk g) j d", g=h // t.shape[1]) for t in (k, v))
     mask = fine_mask(indices, selected, n, block, causal, first_query, keys)  # (b, h, i, j)
     fq = rearrange(q, "b (h g) i d -> b h g i d", h=h)
     logits = einsum(fq, k, "b h g i d, b h j d -> b h g i j") * scale
