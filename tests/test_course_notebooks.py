@@ -72,6 +72,13 @@ def test_exercise_notebook_clears_outputs_and_keeps_the_rest():
     assert solved.cells[1].outputs, "the solution notebook itself is left untouched"
 
 
+def test_exercise_notebook_drops_saved_widget_state():
+    solved = nbformat.v4.new_notebook(
+        metadata={"widgets": {"state": {}}, "kernelspec": {"name": "python3"}}
+    )
+    assert exercise_notebook(solved).metadata == {"kernelspec": {"name": "python3"}}
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_each_exercise_has_a_region_and_a_check_cell(stage):
     (path,) = SOLUTIONS.glob(f"{stage}_*.ipynb")

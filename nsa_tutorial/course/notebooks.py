@@ -61,6 +61,7 @@ def strip_solutions(source: str, where: str = "cell") -> str:
 def exercise_notebook(solution: NotebookNode, name: str = "notebook") -> NotebookNode:
     """The learner's version of a solution notebook: solutions stubbed, outputs cleared."""
     notebook = nbformat.from_dict(solution)
+    notebook.metadata.pop("widgets", None)  # saved widget state belongs to the outputs
     for index, cell in enumerate(notebook.cells):
         if cell.cell_type != "code":
             continue
