@@ -72,11 +72,12 @@ def test_exercise_notebook_clears_outputs_and_keeps_the_rest():
     assert solved.cells[1].outputs, "the solution notebook itself is left untouched"
 
 
+KERNEL = {"name": "python3", "display_name": "Python 3"}
+
+
 def test_exercise_notebook_drops_saved_widget_state():
-    solved = nbformat.v4.new_notebook(
-        metadata={"widgets": {"state": {}}, "kernelspec": {"name": "python3"}}
-    )
-    assert exercise_notebook(solved).metadata == {"kernelspec": {"name": "python3"}}
+    solved = nbformat.v4.new_notebook(metadata={"widgets": {"state": {}}, "kernelspec": KERNEL})
+    assert exercise_notebook(solved).metadata == {"kernelspec": KERNEL}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
