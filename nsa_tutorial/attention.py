@@ -199,7 +199,7 @@ class SparseAttention(nn.Module):
                     f"but inp has seq_len={inp.shape[1]}"
                 )
         inp = self.norm(inp)
-        q, k, v = self._heads(inp)
+        q, k, v = self.project_heads(inp)
 
         ck, cv = self.compressed_tokens(k, v)
         compressed, logits = self.compressed_branch(q, ck, cv)
@@ -219,7 +219,7 @@ class SparseAttention(nn.Module):
             return out
         return out, ((rotated_k, v), ((ck, cv), self._running_buffer(k, v)))
 
-    def _heads(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project_heads(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, kv_heads, n, d)."""
         q, k, v = self.to_qkv(inp).split(self.qkv_split, dim=-1)
         return tuple(rearrange(t, "b n (h d) -> b h n d", d=self.dim_head) for t in (q, k, v))
@@ -321,7 +321,7 @@ class SparseAttention(nn.Module):
         position = cache_k.shape[-2]
         block, stride = self.compress_block_size, self.compress_block_sliding_stride
         inp = self.norm(inp)
-        q, k, v = self._heads(inp)
+        q, k, v = self.project_heads(inp)
 
         k_block, run_k = update_running_buffer(run_k, k, block, stride)
         v_block, run_v = update_running_buffer(run_v, v, block, stride)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
+from einops import einsum, rearrange, reduce, repeat
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -194,12 +194,7 @@ def fine_attention_dense(
         ],
         dim=-2,
     )
-    if causal:
-        return out  # every query sees at least itself
-    sees_nothing = repeat(
-        ~selected.any(dim=-1), "b h i -> b (h g) i 1", g=q.shape[1] // indices.shape[1]
-    )
-    return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, q.shape[1]), out)
+    return _fill_queries_that_see_nothing(out, v, indices, selected, block, causal)
 
 
 def fine_attention_rows(
@@ -294,25 +289,23 @@ def fine_attention_flex(
 ) -> Tensor:
     """Fine attention through flex attention; the same result as the other two paths."""
     out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    return _fill_queries_that_see_nothing(out, v, indices, selected, block, causal)
+
+
+def _fill_queries_that_see_nothing(
+    out: Tensor, v: Tensor, indices: Tensor, selected: Tensor, block: int, causal: bool
+) -> Tensor:
+    """Give a query with no selected block (only possible when not causal) what the
+    gathered softmax over all-hidden keys gives it: the plain mean of the values of its
+    s chosen blocks, block * s slots (zero padding included)."""
     if causal:
         return out  # every query sees at least itself
-    heads = q.shape[1]
-    sees_nothing = repeat(
-        ~selected.any(dim=-1), "b h i -> b (h g) i 1", g=heads // indices.shape[1]
-    )
-    return torch.where(sees_nothing, _mean_of_chosen_values(v, indices, block, heads), out)
-
-
-def _mean_of_chosen_values(v: Tensor, indices: Tensor, block: int, heads: int) -> Tensor:
-    """What the gathered softmax gives a query that sees no key: the plain mean of the
-    values of its s chosen blocks, block * s slots (zero padding included)."""
     v = _pad_rows(v, -v.shape[-2] % block)
-    sums = rearrange(v, "b h (w l) d -> b h w l d", l=block).sum(dim=-2)  # (b, hk, w, d)
-    sums = repeat(sums, "b h w d -> b (h g) w d", g=indices.shape[1] // sums.shape[1])
-    batch = torch.arange(indices.shape[0], device=v.device)[:, None, None, None]
-    head = torch.arange(indices.shape[1], device=v.device)[None, :, None, None]
-    mean = sums[batch, head, indices].sum(dim=-2) / (indices.shape[-1] * block)  # (b, h, i, d)
-    return repeat(mean, "b h i d -> b (h g) i d", g=heads // indices.shape[1])
+    sums = reduce(v, "b h (w l) d -> b h w d", "sum", l=block)  # one row per block
+    mean = gather_blocks(sums, indices, 1).sum(dim=(-3, -2)) / (indices.shape[-1] * block)
+    group = out.shape[1] // indices.shape[1]
+    sees_nothing = repeat(~selected.any(dim=-1), "b h i -> b (h g) i 1", g=group)
+    return torch.where(sees_nothing, repeat(mean, "b h i d -> b (h g) i d", g=group), out)
 
 
 def block_causal_attention(

@@ -40,7 +40,7 @@ def branch_masks(model: SparseAttention, x: Tensor, head: int = 0) -> dict[str, 
     (n,): how many compressed tokens (memory included) each query attends."""
     n = x.shape[1]
     block, stride = model.compress_block_size, model.compress_block_sliding_stride
-    q, k, v = model._heads(model.norm(x))
+    q, k, v = model.project_heads(model.norm(x))
     _, logits = model.compressed_branch(q, *model.compressed_tokens(k, v))
     visible = compressed_causal_mask(n, n // stride, stride, model.num_mem_compress_kv)
     blocks = visible[:, model.num_mem_compress_kv :].float()  # (i, w)
