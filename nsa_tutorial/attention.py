@@ -32,6 +32,7 @@ from nsa_tutorial.compress import (
     prepend_memory,
 )
 from nsa_tutorial.importance import importance_scores
+from nsa_tutorial.kernels import TRITON_AVAILABLE
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
 from nsa_tutorial.selection import selection_attention, selection_attention_rows
@@ -180,9 +181,10 @@ class SparseAttention(nn.Module):
         `nsa_tutorial.sliding.sliding_window_flex_mask` and
         `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
         compute the sliding and selected branches with flex attention instead; the
-        numbers are the same. The arguments are the reference's, in its order;
-        `disable_triton_kernel` asks for the PyTorch selection path, which is the only
-        one until the Triton kernel (notebook 08) can be switched on.
+        numbers are the same. The arguments are the reference's, in its order. With
+        use_triton_kernel=True the selection branch runs the Triton kernel of notebooks
+        08-09 (it wins over the flex mask), unless `disable_triton_kernel` asks for the
+        PyTorch path; decoding steps always take the PyTorch path (one row each).
         """
         self._check_input(inp)
         if return_cache and not self.causal:
@@ -205,7 +207,10 @@ class SparseAttention(nn.Module):
         compressed, logits = self.compressed_branch(q, ck, cv)
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
         rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
-        selected = self.selected_branch(rotated_q, rotated_k, v, logits, fine_selection_flex_mask)
+        use_triton = self.use_triton_kernel and not disable_triton_kernel
+        selected = self.selected_branch(
+            rotated_q, rotated_k, v, logits, fine_selection_flex_mask, use_triton=use_triton
+        )
         if sliding_window_flex_mask is None:
             sliding = sliding_window_attention(
                 rotated_q, rotated_k, v, self.sliding_window_size, self.causal, self.scale
@@ -263,11 +268,12 @@ class SparseAttention(nn.Module):
         logits: Tensor,
         flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
         first_query: int = 0,
+        use_triton: bool = False,
     ) -> Tensor:
         """Fine attention over the top blocks chosen from the compressed logits.
 
         With first_query > 0 (decoding), q holds the queries from that position on
-        and k, v the whole sequence so far.
+        and k, v the whole sequence so far. `use_triton` runs the Triton kernel.
         """
         group = self.num_grouped_queries if self.query_heads_share_selected_kv else None
         importance = importance_scores(
@@ -303,6 +309,7 @@ class SparseAttention(nn.Module):
             self.use_diff_topk,
             self.scale,
             flex_mask,
+            use_triton,
         )
 
     def _running_buffer(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -438,8 +445,8 @@ def _validate(**args) -> None:
             f"interpolated_importance_score=True, got selection_block_size={selection}, "
             f"compress_block_sliding_stride={stride}"
         )
-    if args["use_triton_kernel"]:
+    if args["use_triton_kernel"] and not TRITON_AVAILABLE:
         raise ValueError(
-            "use_triton_kernel=True needs the Triton selection kernel of notebook 08, which is "
-            "not in this version yet; use the default (False)"
+            "use_triton_kernel=True needs Triton, which is not installed here (it has no "
+            "macOS wheels); use the default (False), the PyTorch path with the same numbers"
         )

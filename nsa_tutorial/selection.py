@@ -364,18 +364,28 @@ def selection_attention(
     diff_topk: bool = False,
     scale: float | None = None,
     flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
+    use_triton: bool = False,
 ) -> Tensor:
     """The selection branch: pick the top-n blocks by importance (b, h, n, w) and attend.
 
     With no block to pick (num_selected 0, or no complete block yet), each query
     attends to its own block only. Blocks whose importance is <= 1e-10 are skipped.
-    `flex_mask`, a builder from `fine_selection_flex_mask`, computes it with flex
-    attention instead.
+    `use_triton` computes it with the Triton kernel of notebooks 08-09; otherwise
+    `flex_mask`, a builder from `fine_selection_flex_mask`, with flex attention.
     """
     values, indices = top_blocks(importance, num_selected)
     if indices.shape[-1] == 0:
         return block_causal_attention(q, k, v, block, causal, scale)
     selected = values > SELECTED_THRESHOLD
+    if use_triton:
+        from nsa_tutorial.kernels.selection import selection_attention as selection_kernel
+
+        gates = straight_through_gates(values) if diff_topk else None
+        out = selection_kernel(
+            q, k, v, indices, selected, block,
+            sel_scale=gates, include_block_causal=causal, scale=scale, check_indices=False,
+        )  # fmt: skip
+        return _fill_queries_that_see_nothing(out, v, indices, selected, block, causal)
     if flex_mask is not None:
         if diff_topk:
             raise ValueError(

@@ -154,16 +154,17 @@ BASE = dict(
             "num_selected_blocks must be an int >= 0, got num_selected_blocks=-1",
         ),
         ({"selection_block_size": None}, TypeError, "SparseAttention needs selection_block_size"),
-        (
-            {"use_triton_kernel": True},
-            ValueError,
-            "use_triton_kernel=True needs the Triton selection kernel",
-        ),
     ],
 )
 def test_bad_configuration(change, error, message):
     with pytest.raises(error, match=message):
         SparseAttention(**{**BASE, **change})
+
+
+def test_triton_kernel_needs_triton(monkeypatch):
+    monkeypatch.setattr("nsa_tutorial.attention.TRITON_AVAILABLE", False)
+    with pytest.raises(ValueError, match="use_triton_kernel=True needs Triton, which is not"):
+        SparseAttention(**{**BASE, "use_triton_kernel": True})
 
 
 def test_interpolation_allows_any_selection_block():

@@ -28,3 +28,18 @@ def triton_mode() -> str:
     if not TRITON_AVAILABLE:
         return "missing"
     return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
+
+
+def __getattr__(name: str):
+    """`nsa_tutorial.kernels.selection_attention`, imported on first use so that the rest
+    of the package works without Triton."""
+    if name != "selection_attention":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not TRITON_AVAILABLE:
+        raise ImportError(
+            "nsa_tutorial.kernels.selection_attention needs Triton, which is not installed "
+            "here; SparseAttention's default PyTorch path computes the same numbers"
+        )
+    from nsa_tutorial.kernels.selection import selection_attention
+
+    return selection_attention

@@ -1,0 +1,243 @@
+"""The Triton selection kernel (notebooks 08-09) against the PyTorch selection path.
+
+On a machine without a GPU the kernels run in Triton's interpreter, so the shapes are
+small; on a GPU the same tests run compiled. The reference is `fine_attention_gathered`
+in float64 on the same (rounded) inputs.
+"""
+
+import pytest
+import torch
+
+from nsa_tutorial.selection import fine_attention_gathered
+
+# nsa_tutorial.kernels decides on the interpreter before Triton is imported (macOS: skip)
+kernels = pytest.importorskip("nsa_tutorial.kernels.selection")
+invert_selection, selection_attention = kernels.invert_selection, kernels.selection_attention
+visible_blocks = kernels.visible_blocks
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# relative error ||kernel - reference|| / ||reference|| allowed per dtype (bf16 has 8 bits)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def random_problem(b, hk, group, n, d, block, s, shared, dtype, seed, drop=0.3):
+    """q, k, v and a random selection: distinct blocks per query, ~`drop` of them dropped."""
+    g = torch.Generator().manual_seed(seed)
+    hq = hk * group
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for h in (hq, hk, hk))
+    heads = hk if shared else hq
+    num_blocks = -(-n // block)
+    s = min(s, num_blocks)
+    scores = torch.rand(b, heads, n, num_blocks, generator=g)
+    indices = scores.topk(s, dim=-1).indices
+    mask = torch.rand(b, heads, n, s, generator=g) >= drop
+    gates = 0.5 + torch.rand(b, heads, n, s, generator=g)
+    return [t.to(DEVICE) for t in (q, k, v, indices, mask, gates)]
+
+
+def reference(q, k, v, indices, mask, block, causal, gates, scale=None):
+    """The PyTorch path in float64; a query that sees nothing gets zeros, as in the kernel."""
+    out = fine_attention_gathered(
+        q.double(), k.double(), v.double(), indices, mask, block, causal,
+        None if gates is None else gates.double(), scale,
+    )
+    if causal:
+        return out
+    sees_something = mask.any(-1).repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
+    return torch.where(sees_something[..., None], out, 0.0)
+
+
+def relative_error(actual, expected):
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # hk, group, n, d, block, s, shared
+    (2, 1, 37, 16, 8, 3, True),  # no GQA, n not a multiple of the block
+    (2, 2, 29, 24, 5, 2, True),  # head dim and block not powers of two
+    (1, 4, 40, 32, 16, 2, True),
+    (1, 16, 50, 16, 16, 3, True),  # the paper's group of 16
+    (2, 2, 21, 16, 4, 3, False),  # one selection per query head
+    (1, 2, 6, 16, 8, 2, True),  # shorter than one block
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"hk{c[0]}-g{c[1]}-n{c[2]}-d{c[3]}-l{c[4]}")
+def test_forward_and_gradients_match_pytorch(case, causal, gated):
+    hk, group, n, d, block, s, shared = case
+    q, k, v, indices, mask, gates = random_problem(
+        2, hk, group, n, d, block, s, shared, torch.float32, seed=n * 7 + d
+    )
+    inputs = [t.requires_grad_() for t in (q, k, v)] + ([gates.requires_grad_()] if gated else [])
+    gates = gates if gated else None
+    out = selection_attention(
+        q, k, v, indices, mask, block, sel_scale=gates, include_block_causal=causal
+    )
+    expected = reference(q, k, v, indices, mask, block, causal, gates)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out.double())
+    for name, actual, wanted in zip("q k v gates".split(), grads, expected_grads, strict=False):
+        torch.testing.assert_close(
+            actual, wanted, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
+def test_half_precision(dtype, causal):
+    q, k, v, indices, mask, gates = random_problem(
+        1, 2, 2, 45, 32, 16, 2, True, dtype, seed=3
+    )
+    inputs = [t.requires_grad_() for t in (q, k, v, gates)]
+    out = selection_attention(
+        q, k, v, indices, mask, 16, sel_scale=gates, include_block_causal=causal
+    )
+    assert out.dtype == dtype
+    expected = reference(q, k, v, indices, mask, 16, causal, gates)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out.double())
+    for given, actual, wanted in zip(inputs, grads, expected_grads, strict=True):
+        assert actual.dtype == given.dtype
+        assert relative_error(actual, wanted) < 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("d", [64, 256])
+def test_wide_heads(d):
+    q, k, v, indices, mask, gates = random_problem(1, 1, 2, 20, d, 8, 2, True, torch.float32, 5)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = selection_attention(q, k, v, indices, mask, 8, scale=0.3)
+    expected = reference(q, k, v, indices, mask, 8, True, None, scale=0.3)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    for actual, wanted in zip(grads, torch.autograd.grad(expected.sum(), inputs), strict=True):
+        torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
+
+
+def test_every_slot_dropped():
+    """Causal: each query still sees its own block. Not causal: it sees nothing, gets 0,
+    and passes no gradient."""
+    q, k, v, indices, _, _ = random_problem(1, 1, 2, 24, 16, 8, 2, True, torch.float32, 9)
+    mask = torch.zeros_like(indices, dtype=torch.bool)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    out = selection_attention(q, k, v, indices, mask, 8)
+    expected = reference(q, k, v, indices, mask, 8, True, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    out = selection_attention(q, k, v, indices, mask, 8, include_block_causal=False)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), inputs))
+
+
+def test_visible_blocks_drops_masked_and_non_past_blocks():
+    indices = torch.tensor([[[[0, 1], [0, 1], [1, 0], [2, 1], [2, 0]]]])  # (1, 1, 5, 2)
+    mask = torch.tensor([[[[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]]]], dtype=torch.bool)
+    causal = visible_blocks(indices, mask, 2, True)  # own blocks: 0, 0, 1, 1, 2
+    assert causal.tolist() == [[[[-1, -1], [-1, -1], [-1, 0], [-1, -1], [-1, 0]]]]
+    free = visible_blocks(indices, mask, 2, False)
+    assert free.tolist() == [[[[0, 1], [0, -1], [1, 0], [2, 1], [-1, 0]]]]
+    assert causal.dtype == torch.int32
+
+
+def test_invert_selection_lists_each_blocks_readers():
+    g = torch.Generator().manual_seed(4)
+    blocks = torch.randint(-1, 5, (2, 3, 7, 3), generator=g, dtype=torch.int32)
+    entries, offsets = invert_selection(blocks, 5)
+    for bh, per_head in enumerate(blocks.reshape(6, 7 * 3)):
+        for j in range(5):
+            start, end = offsets[bh * 5 + j], offsets[bh * 5 + j + 1]
+            readers = [p for p in range(21) if per_head[p] == j]  # t * s + slot, in order
+            assert entries[start:end].tolist() == readers
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
+def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
+    from nsa_tutorial import SparseAttention
+    from nsa_tutorial.kernels import selection as kernel_module
+
+    torch.manual_seed(0)
+    config = dict(
+        dim=32, dim_head=16, heads=4, kv_heads=2, sliding_window_size=4,
+        compress_block_size=4, compress_block_sliding_stride=2, selection_block_size=4,
+        num_selected_blocks=2, use_diff_topk=True, causal=causal,
+        query_heads_share_selected_kv=shared,
+    )
+    plain = SparseAttention(**config)
+    with torch.no_grad():  # make the gates and the compression matter
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast = SparseAttention(**config, use_triton_kernel=True)
+    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain.to(DEVICE), fast.to(DEVICE)
+    x = torch.randn(2, 23, 32, device=DEVICE)
+    calls = []
+    original = kernel_module.selection_attention
+    monkeypatch.setattr(
+        kernel_module, "selection_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    expected = plain(x)
+    expected.mean().backward()
+    out = fast(x)
+    out.mean().backward()
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    fast(x, disable_triton_kernel=True)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"q": torch.randn(2, 8, 16)}, ValueError, r"q must be \(b, h, n, d\)"),
+        ({"k": torch.randn(1, 2, 9, 16)}, ValueError, "k must be"),
+        ({"q": torch.randn(1, 4, 10, 16).double()}, TypeError, "q must be float32"),
+        ({"q": torch.randn(1, 3, 10, 16)}, ValueError, "multiple of the kv heads"),
+        ({"block_size": 0}, ValueError, "block_size must be a positive int"),
+        ({"block_indices": torch.zeros(1, 3, 10, 2, dtype=torch.long)}, ValueError,
+         "block_indices must be"),
+        ({"block_indices": torch.zeros(1, 2, 10, 2)}, TypeError, "block_indices must be int64"),
+        ({"block_mask": torch.ones(1, 2, 10, 2)}, ValueError, "block_mask must be a bool"),
+        ({"sel_scale": torch.ones(1, 2, 10, 3)}, ValueError, "sel_scale must be"),
+        ({"block_indices": torch.full((1, 2, 10, 2), 3)}, ValueError,
+         r"must lie in \[0, 3\) .* got 3"),
+    ],
+)
+def test_bad_input_is_named(change, error, message):
+    args = {
+        "q": torch.randn(1, 4, 10, 16),
+        "k": torch.randn(1, 2, 10, 16),
+        "v": torch.randn(1, 2, 10, 16),
+        "block_indices": torch.zeros(1, 2, 10, 2, dtype=torch.long),
+        "block_mask": torch.ones(1, 2, 10, 2, dtype=torch.bool),
+        "block_size": 4,
+        "sel_scale": None,
+    }
+    args.update(change)
+    if "k" in change:
+        args["v"] = args["k"]
+    kw = {"sel_scale": args.pop("sel_scale")}
+    with pytest.raises(error, match=message):
+        selection_attention(*args.values(), **kw)
+
+
+def test_head_dim_bounds():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="between 16 and 256, got d=8"):
+        selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
+                            torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+
+
+def test_exported_from_kernels():
+    import nsa_tutorial.kernels
+
+    assert nsa_tutorial.kernels.selection_attention is selection_attention
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        nsa_tutorial.kernels.missing  # noqa: B018
