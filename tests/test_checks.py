@@ -5,7 +5,9 @@ import torch
 from einops import rearrange
 
 from nsa_tutorial.course import EXERCISES, check
+from nsa_tutorial.course import stage08_triton_forward as stage08
 from nsa_tutorial.course.verdict import FAIL, PASS, TODO, compare
+from nsa_tutorial.kernels import TRITON_AVAILABLE
 
 
 def verdict_of(name, fn, status=FAIL):
@@ -252,3 +254,92 @@ def test_each_known_mistake_fails_with_its_hint(exercise, number):
 )
 def test_stage_02_to_04_mistakes_named_in_the_issue_are_known(name, cause):
     assert any(cause in mistake.hint for mistake in EXERCISES[name].mistakes)
+
+
+# ---- stage 08: a Triton kernel as the learner's answer -------------------------------------
+
+
+def test_the_kernel_walk_without_a_mistake_is_the_spec():
+    for case in stage08._cases():
+        assert (
+            compare(stage08._kernel_like(*case.args), stage08.selection_kernel_spec(*case.args))
+            is None
+        )
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        "own block is missing",
+        "own block sees the future",
+        "must see its own key",
+        "keys past the end of the sequence",
+        "not h % num_kv_heads",
+        "not scaled",
+        "accumulator is not rescaled",
+        "read as block 0",
+    ],
+)
+def test_stage_08_mistakes_named_in_the_brief_are_known(cause):
+    assert any(cause in mistake.hint for mistake in EXERCISES["selection_kernel"].mistakes)
+
+
+def garbage_in_rows(reads_garbage):
+    """The spec's answer with NaN in the rows (b, h, i) of a kernel that read past a tensor."""
+
+    def answer(q, k, v, blocks, block_size, causal):
+        out = stage08.selection_kernel_spec(q, k, v, blocks, block_size, causal)
+        rows = reads_garbage(blocks, block_size, q.shape[-2])  # (b, hk, n)
+        rows = rows.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return out.masked_fill(rows[..., None], float("nan"))
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("reads_garbage", "cause"),
+    [
+        (lambda blocks, size, n: (blocks == (n - 1) // size).any(-1), "last, partial block"),
+        (lambda blocks, size, n: (blocks < 0).any(-1), "with an empty slot (-1)"),
+    ],
+)
+def test_garbage_is_traced_to_the_rows_that_read_it(reads_garbage, cause):
+    message = verdict_of("selection_kernel", garbage_in_rows(reads_garbage))
+    assert "contains NaN" in message and cause in message.split("Likely cause:")[1]
+
+
+if TRITON_AVAILABLE:  # nsa_tutorial.kernels, imported above, chose the interpreter or the GPU
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def untouched_kernel(
+        Q, K, V, BLOCKS, OUT, n, num_heads, num_kv_heads, num_slots, scale,
+        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+    ):  # fmt: skip
+        raise NotImplementedError("Exercise selection_kernel: write this part")
+
+    @triton.jit
+    def ragged_arange_kernel(
+        Q, K, V, BLOCKS, OUT, n, num_heads, num_kv_heads, num_slots, scale,
+        BLOCK_SIZE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+    ):  # fmt: skip
+        q = tl.load(Q + tl.arange(0, 3))
+        tl.store(OUT + tl.arange(0, 4), q)
+
+
+needs_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")
+
+
+@needs_triton
+def test_an_untouched_kernel_is_a_friendly_todo():
+    message = verdict_of("selection_kernel", untouched_kernel, TODO)
+    assert message.startswith("⏳ selection_kernel: not implemented yet (Exercise selection_kernel")
+
+
+@needs_triton
+def test_a_kernel_that_fails_names_its_line_not_tritons_internals():
+    message = verdict_of("selection_kernel", ragged_arange_kernel)
+    assert "case 1 of 3" in message and "arange's range must be a power of 2" in message
+    assert "tl.arange(0, 3)" in message  # the learner's line, interpreted or compiled
+    assert "InterpreterError" not in message and "Traceback" not in message

@@ -1,6 +1,8 @@
 """The solutions -> exercises generator, the learner-function extraction, and the
 exercise notebooks themselves: up to date, and friendly when run untouched."""
 
+import ast
+import inspect
 import re
 import subprocess
 
@@ -155,3 +157,17 @@ def test_make_check_on_a_fresh_notebook_reports_todo_not_tracebacks():
 def test_every_exercise_belongs_to_a_stage_notebook():
     for exercise in EXERCISES.values():
         assert len(list(SOLUTIONS.glob(f"{exercise.stage}_*.ipynb"))) == 1
+
+
+def test_notebook_08_shows_the_launcher_its_check_uses():
+    from nsa_tutorial.course.stage08_triton_forward import launch_selection_kernel
+
+    (path,) = SOLUTIONS.glob("08_*.ipynb")
+    shown = [
+        ast.get_source_segment(cell.source, node)
+        for cell in nbformat.read(path, 4).cells
+        if cell.cell_type == "code"
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.FunctionDef) and node.name == "launch_selection_kernel"
+    ]
+    assert shown == [inspect.getsource(launch_selection_kernel).strip()]

@@ -4,15 +4,20 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+import nsa_tutorial.kernels
 from nsa_tutorial.course.environment import (
     MISSING,
     OK,
     WARN,
+    TritonMissing,
     check_package,
     check_python,
     check_triton,
     environment_report,
     pinned_versions,
+    require_triton,
 )
 from nsa_tutorial.course.notebooks import SOLUTIONS
 
@@ -56,28 +61,45 @@ def test_triton_findings_have_remedies():
     assert "compiles for the GPU" in check_triton("compiled", True, "Linux").detail
 
 
+def test_kernel_notebooks_stop_with_a_message_where_triton_is_missing(monkeypatch):
+    assert require_triton() in ("compiled", "interpreter")
+    monkeypatch.setattr(nsa_tutorial.kernels, "triton_mode", lambda: "missing")
+    monkeypatch.setattr("platform.system", lambda: "Darwin")
+    with pytest.raises(TritonMissing, match="this notebook stops here") as stop:
+        require_triton()
+    assert "no wheels for macOS" in str(stop.value)
+    (shown,) = stop.value._render_traceback_()  # what Jupyter shows: the message, no traceback
+    assert shown.startswith("⚠️") and "Traceback" not in shown
+
+
 NO_TRITON = """
 import sys
 sys.modules["triton"] = None  # as on macOS, where Triton cannot be installed
 import nbformat
 import nsa_tutorial
 from nsa_tutorial.kernels import TRITON_AVAILABLE, triton_mode
-from nsa_tutorial.course.environment import environment_report
+from nsa_tutorial.course.environment import TritonMissing, environment_report
 assert not TRITON_AVAILABLE and triton_mode() == "missing"
 print(environment_report())
 for path in sys.argv[1:]:
     namespace = {}
-    for cell in nbformat.read(path, 4).cells:
-        if cell.cell_type == "code":
-            exec(cell.source, namespace)
+    try:
+        for cell in nbformat.read(path, 4).cells:
+            if cell.cell_type == "code":
+                exec(cell.source, namespace)
+    except TritonMissing as stop:  # the kernel notebooks stop at their first cell
+        print("stopped", path, stop)
+        continue
     print("ran", path)
 """
 
 
-def test_package_and_non_triton_notebooks_run_without_triton():
-    notebooks = sorted(str(p) for p in SOLUTIONS.glob("0[0-7]_*.ipynb"))
+def test_the_notebooks_run_or_stop_politely_without_triton():
+    notebooks = sorted(SOLUTIONS.glob("*.ipynb"))
+    kernel_notebooks = [p for p in notebooks if "require_triton()" in p.read_text()]
+    assert "08" in [p.name[:2] for p in kernel_notebooks]
     result = subprocess.run(
-        [sys.executable, "-c", NO_TRITON, *notebooks],
+        [sys.executable, "-c", NO_TRITON, *map(str, notebooks)],
         cwd=SOLUTIONS,  # notebooks run from their own folder, as in JupyterLab
         capture_output=True,
         text=True,
@@ -86,4 +108,8 @@ def test_package_and_non_triton_notebooks_run_without_triton():
     )
     assert result.returncode == 0, result.stderr
     assert "Triton: not installed" in result.stdout
-    assert result.stdout.count("ran ") == len(notebooks)
+    assert result.stdout.count("ran ") == len(notebooks) - len(kernel_notebooks)
+    for path in kernel_notebooks:
+        assert (
+            f"stopped {path} Triton is not installed, so this notebook stops here" in result.stdout
+        )

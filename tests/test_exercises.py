@@ -24,6 +24,25 @@ from nsa_tutorial.course.notebooks import (
 )
 from nsa_tutorial.course.stage00_welcome import causal_attention_spec
 
+
+def gathered_selection(q, k, v, blocks, block_size, causal):
+    """Notebook 04's gathered PyTorch path, called with the exercise's -1 slots."""
+    indices, selected = blocks.clamp(min=0).long(), blocks >= 0
+    return selection.fine_attention_gathered(q, k, v, indices, selected, block_size, causal)
+
+
+def triton_selection_attention(q, k, v, blocks, block_size, causal):
+    """The package's group-centric Triton kernel, called with the exercise's -1 slots."""
+    from nsa_tutorial.kernels.selection import selection_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, indices, mask = (
+        t.to(device) for t in (q, k, v, blocks.clamp(min=0).long(), blocks >= 0)
+    )
+    out = selection_attention(q, k, v, indices, mask, block_size, include_block_causal=causal)
+    return out.cpu()
+
+
 # The package's implementations of each exercise (00's warm-up has only its spec).
 PACKAGE = {
     "causal_attention": [causal_attention_spec],
@@ -50,6 +69,7 @@ PACKAGE = {
     "combine_branches": [attention.combine_branches],
     "update_running_buffer": [cache.update_running_buffer],
     "single_token_selection": [cache.single_token_selection],
+    "selection_kernel": [gathered_selection, triton_selection_attention],
 }
 
 

@@ -19,6 +19,7 @@ from nsa_tutorial.course import (
     stage05_sliding_window,
     stage06_gating_assembly,
     stage07_kv_cache,
+    stage08_triton_forward,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -31,6 +32,7 @@ STAGES: dict[str, list[Exercise]] = {
     "05": stage05_sliding_window.EXERCISES,
     "06": stage06_gating_assembly.EXERCISES,
     "07": stage07_kv_cache.EXERCISES,
+    "08": stage08_triton_forward.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 

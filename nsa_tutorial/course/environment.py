@@ -93,6 +93,30 @@ def check_triton(mode: str, smoke_test_passed: bool | None, system: str) -> Find
     return Finding("Triton", OK, f"{how}; a test kernel ran correctly")
 
 
+class TritonMissing(RuntimeError):
+    """Stops a kernel notebook where Triton is not installed. Jupyter shows only the
+    message, no traceback, and "Run All" stops at the cell that raised it."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"⚠️  {self}"]
+
+
+def require_triton() -> str:
+    """The Triton mode, "compiled" or "interpreter", for the first cell of notebooks 08-09;
+    where Triton is missing, stop the notebook with a message that says why and what to do."""
+    from nsa_tutorial.kernels import triton_mode
+
+    mode = triton_mode()
+    if mode == "missing":
+        remedy = check_triton(mode, None, platform.system()).remedy.rstrip(".")
+        raise TritonMissing(
+            f"Triton is not installed, so this notebook stops here: the cells below run "
+            f"Triton kernels. You can still read it (solutions/ has every output). "
+            f"{remedy[:1].upper()}{remedy[1:]}."
+        )
+    return mode
+
+
 def pinned_versions() -> dict[str, str]:
     """The exact pins (==) of nsa-tutorial's own dependencies, by distribution name."""
     pins = {}

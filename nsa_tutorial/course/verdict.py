@@ -67,6 +67,9 @@ class Exercise:
     make_cases: Callable[[], Sequence[Case]]
     mistakes: tuple[Mistake, ...] = ()
     diagnose: Callable[[Any, Any, Case], str | None] | None = None
+    # Turns what the learner hands to `check` into a function with the spec's signature
+    # (stage 08: a Triton kernel becomes a function that launches it).
+    prepare: Callable[[Any], Any] | None = None
     atol: float = 1e-5
     rtol: float = 1e-5
 
@@ -91,6 +94,8 @@ class Verdict:
 
 def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     """Check `fn` against `exercise` case by case; stop at the first problem."""
+    if exercise.prepare is not None:
+        fn = exercise.prepare(fn)
     if not callable(fn):
         return Verdict(exercise.name, FAIL, f"expected a function, got {type(fn).__name__}.")
     cases = exercise.make_cases()
