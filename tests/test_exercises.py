@@ -70,7 +70,15 @@ PACKAGE = {
     "update_running_buffer": [cache.update_running_buffer],
     "single_token_selection": [cache.single_token_selection],
     "selection_kernel": [gathered_selection, triton_selection_attention],
+    "invert_selection": [lambda blocks, num_blocks: kernel_index(blocks, num_blocks)],
 }
+
+
+def kernel_index(blocks, num_blocks):
+    """The package's inverted index, the one the dk, dv kernel walks."""
+    from nsa_tutorial.kernels.selection import invert_selection
+
+    return invert_selection(blocks, num_blocks)
 
 
 def linear_with(weight, bias):

@@ -20,6 +20,7 @@ from nsa_tutorial.course import (
     stage06_gating_assembly,
     stage07_kv_cache,
     stage08_triton_forward,
+    stage09_triton_backward,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -33,6 +34,7 @@ STAGES: dict[str, list[Exercise]] = {
     "06": stage06_gating_assembly.EXERCISES,
     "07": stage07_kv_cache.EXERCISES,
     "08": stage08_triton_forward.EXERCISES,
+    "09": stage09_triton_backward.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 
