@@ -241,3 +241,11 @@ def test_exported_from_kernels():
     assert nsa_tutorial.kernels.selection_attention is selection_attention
     with pytest.raises(AttributeError, match="no attribute 'missing'"):
         nsa_tutorial.kernels.missing  # noqa: B018
+
+
+def test_cpu_tensors_with_a_compiling_triton(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_mode", lambda: "compiled")
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="move the tensors to the GPU"):
+        selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
+                            torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)

@@ -552,6 +552,11 @@ def _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, che
     devices = {t.device for t in (q, k, v, block_indices, block_mask)}
     if len(devices) > 1 or (sel_scale is not None and sel_scale.device not in devices):
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if triton_mode() == "compiled" and q.device.type != "cuda":
+        raise ValueError(
+            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
+            f"(they are on {q.device})"
+        )
     if not check_indices:
         return
     num_blocks = math.ceil(n / block_size)
