@@ -3,6 +3,10 @@ functions in the learner's notebooks/NN_*.ipynb instead of the package and solut
 
 from __future__ import annotations
 
+# First, before any test module imports a package that imports triton (the reference
+# native-sparse-attention-pytorch does): nsa_tutorial.kernels must set TRITON_INTERPRET.
+import nsa_tutorial.kernels  # noqa: F401
+
 
 def pytest_addoption(parser):
     parser.addoption(

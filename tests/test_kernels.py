@@ -249,3 +249,32 @@ def test_cpu_tensors_with_a_compiling_triton(monkeypatch):
     with pytest.raises(ValueError, match="move the tensors to the GPU"):
         selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
                             torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+
+
+TRITON_FIRST = """
+import triton  # before nsa_tutorial, as a package that uses Triton itself might
+import torch
+from nsa_tutorial.kernels import selection_attention
+q = torch.randn(1, 1, 4, 16)
+try:
+    selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
+                        torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+except RuntimeError as error:
+    print(error)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter serves CPU-only machines")
+def test_triton_imported_too_early_is_explained():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_FIRST], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Triton was imported before nsa_tutorial could switch on its interpreter" in (
+        result.stdout
+    )

@@ -103,8 +103,9 @@ class TritonMissing(RuntimeError):
 
 def require_triton() -> str:
     """The Triton mode, "compiled" or "interpreter", for the first cell of notebooks 08-09;
-    where Triton is missing, stop the notebook with a message that says why and what to do."""
-    from nsa_tutorial.kernels import triton_mode
+    where Triton is missing, stop the notebook with a message that says why and what to do;
+    where it was imported too early for its interpreter, say so."""
+    from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
 
     mode = triton_mode()
     if mode == "missing":
@@ -114,6 +115,7 @@ def require_triton() -> str:
             f"Triton kernels. You can still read it (solutions/ has every output). "
             f"{remedy[:1].upper()}{remedy[1:]}."
         )
+    require_runnable_kernels()
     return mode
 
 

@@ -9,9 +9,17 @@ same kernels run everywhere (slowly without a GPU). Where Triton is not installe
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+# Triton's own helpers (those behind tl.sum, tl.max, ...) are made when Triton is
+# imported; imported before TRITON_INTERPRET=1 is set, they cannot run in the interpreter.
+INTERPRETER_TOO_LATE = (
+    not torch.cuda.is_available()
+    and "triton" in sys.modules
+    and os.environ.get("TRITON_INTERPRET") != "1"
+)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -28,6 +36,17 @@ def triton_mode() -> str:
     if not TRITON_AVAILABLE:
         return "missing"
     return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
+
+
+def require_runnable_kernels() -> None:
+    """Raise a clear error where Triton kernels cannot run (see INTERPRETER_TOO_LATE)."""
+    if INTERPRETER_TOO_LATE:
+        raise RuntimeError(
+            "Triton was imported before nsa_tutorial could switch on its interpreter "
+            "(TRITON_INTERPRET=1), so Triton kernels cannot run on this CPU: import "
+            "nsa_tutorial before any package that imports triton, or set TRITON_INTERPRET=1 "
+            "before starting Python"
+        )
 
 
 def __getattr__(name: str):

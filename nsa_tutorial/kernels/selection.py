@@ -25,7 +25,7 @@ import triton.language as tl
 from einops import rearrange, repeat
 from torch import Tensor
 
-from nsa_tutorial.kernels import triton_mode
+from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
 
 LOG2_E = 1.4426950408889634
 NO_BLOCK = -1  # a slot of `blocks` that attends nothing
@@ -69,6 +69,13 @@ def _read_slots(INDICES, MASK, first, t, num_slots, block_size, S_PAD: tl.conste
         read = read & (blocks < t // block_size)
     rank = tl.cumsum(read.to(tl.int32), 0) - 1
     return slot, blocks, read, rank
+
+
+@triton.jit
+def _pick_slot(slot_ids, slot_blocks, read, rank, i):
+    """The i-th read slot of `_read_slots`' vectors: (block index, slot)."""
+    picked = read & (rank == i)
+    return tl.sum(tl.where(picked, slot_blocks, 0), 0), tl.sum(tl.where(picked, slot_ids, 0), 0)
 
 
 @triton.jit
@@ -120,9 +127,7 @@ def _forward_kernel(
     slot_ids, slot_blocks, read, rank = _read_slots(INDICES, MASK, slots, t, num_slots,
                                                     block_size, S_PAD, CAUSAL)
     for i in range(tl.sum(read.to(tl.int32), 0)):
-        picked = read & (rank == i)
-        block = tl.sum(tl.where(picked, slot_blocks, 0), 0)
-        slot = tl.sum(tl.where(picked, slot_ids, 0), 0)
+        block, slot = _pick_slot(slot_ids, slot_blocks, read, rank, i)
         keys = block * block_size + in_block
         key_ok = (in_block < block_size) & (keys < n)
         k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
@@ -148,14 +153,14 @@ def _forward_kernel(
 
 @triton.jit
 def _gradient_step(q, do, lse, delta, k, v, key_ok, logit_scale, PRECISION: tl.constexpr):
-    """Rows (R, D) against one key block: the probabilities p and dL/dlogit ds, (R, BLOCK_K),
-    and the raw dot products qk (the gates' gradient needs them)."""
+    """Rows (R, D) against one key block: dL/dlogit ds (R, BLOCK_K) and the raw dot
+    products qk (the gates' gradient needs them)."""
     qk = _dot(q, tl.trans(k), PRECISION)
     p = tl.exp2(qk * logit_scale - lse[:, None])
     p = tl.where(key_ok[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
-    return p, ds, qk
+    return ds, qk
 
 
 @triton.jit
@@ -197,9 +202,7 @@ def _backward_dq_kernel(
     slot_ids, slot_blocks, read, rank = _read_slots(INDICES, MASK, slots, t, num_slots,
                                                     block_size, S_PAD, CAUSAL)
     for i in range(tl.sum(read.to(tl.int32), 0)):  # a slot not read keeps gate gradient 0
-        picked = read & (rank == i)
-        block = tl.sum(tl.where(picked, slot_blocks, 0), 0)
-        slot = tl.sum(tl.where(picked, slot_ids, 0), 0)
+        block, slot = _pick_slot(slot_ids, slot_blocks, read, rank, i)
         keys = block * block_size + in_block
         key_ok = (in_block < block_size) & (keys < n)
         k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
@@ -207,7 +210,7 @@ def _backward_dq_kernel(
         gate = 1.0
         if HAS_GATES:
             gate = tl.load(GATES + slots + slot).to(tl.float32)
-        p, ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale * gate, PRECISION)
+        ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale * gate, PRECISION)
         dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
         if HAS_GATES:
             tl.store(DGATES + slots + slot, tl.sum(tl.sum(ds * qk, 1), 0) * sm_scale)
@@ -216,7 +219,7 @@ def _backward_dq_kernel(
         key_ok = (in_block < block_size) & (keys <= t)
         k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
         v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
-        p, ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale, PRECISION)
+        ds, _ = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale, PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(DQ + q_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_ok)
 
@@ -236,10 +239,16 @@ def _accumulate_dkv(
 
 
 @triton.jit
-def _load_rows(base, stride_qb, stride_qh, stride_qn, b, heads, tokens, row_ok, dims, dim_ok):
-    """Rows (head, token) of a (b, h, n, d) tensor -> (R, BLOCK_D)."""
+def _load_reader_rows(Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qn, b, heads, tokens,
+                      row_ok, row_lse, dims, dim_ok):
+    """Rows (head, token) of q and dO (R, BLOCK_D), and their lse and delta (R,)."""
     ptrs = b * stride_qb + heads[:, None] * stride_qh + tokens[:, None] * stride_qn + dims[None, :]
-    return tl.load(base + ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    ok = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(Q + ptrs, mask=ok, other=0.0)
+    do = tl.load(DO + ptrs, mask=ok, other=0.0)
+    lse = tl.load(LSE + row_lse + tokens, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_lse + tokens, mask=row_ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -282,10 +291,8 @@ def _backward_dkv_kernel(
         row_ok = (entry < end) & (group_head < G)
         flat = tl.load(ENTRIES + entry, mask=row_ok, other=0).to(tl.int64)  # t * slots + slot
         tokens = flat // num_slots
-        q = _load_rows(Q, stride_qb, stride_qh, stride_qn, b, heads, tokens, row_ok, dims, dim_ok)
-        do = _load_rows(DO, stride_qb, stride_qh, stride_qn, b, heads, tokens, row_ok, dims, dim_ok)
-        lse = tl.load(LSE + row_lse + tokens, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + row_lse + tokens, mask=row_ok, other=0.0)
+        q, do, lse, delta = _load_reader_rows(Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_qn,
+                                              b, heads, tokens, row_ok, row_lse, dims, dim_ok)
         gate = tl.full([ROWS], 1.0, tl.float32)
         if HAS_GATES:
             gate = tl.load(GATES + bh * n * num_slots + flat, mask=row_ok, other=0.0)
@@ -298,12 +305,9 @@ def _backward_dkv_kernel(
         for first in range(j * block_size, last, ROWS // BLOCK_G):
             tokens = first + row // BLOCK_G
             row_ok = (tokens < last) & (group_head < G)
-            q = _load_rows(Q, stride_qb, stride_qh, stride_qn, b, heads, tokens, row_ok, dims,
-                           dim_ok)
-            do = _load_rows(DO, stride_qb, stride_qh, stride_qn, b, heads, tokens, row_ok, dims,
-                            dim_ok)
-            lse = tl.load(LSE + row_lse + tokens, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_lse + tokens, mask=row_ok, other=0.0)
+            q, do, lse, delta = _load_reader_rows(Q, DO, LSE, DELTA, stride_qb, stride_qh,
+                                                  stride_qn, b, heads, tokens, row_ok, row_lse,
+                                                  dims, dim_ok)
             gate = tl.full([ROWS], 1.0, tl.float32)
             visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tokens[:, None])
             dk, dv = _accumulate_dkv(q, do, lse, delta, gate, k, v, visible, dk, dv, log2_scale,
@@ -494,6 +498,7 @@ def selection_attention(
     the GPU (top-k indices are in range by construction).
     """
     _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, check_indices)
+    require_runnable_kernels()
     hq, hk, selection_heads = q.shape[1], k.shape[1], block_indices.shape[1]
     if selection_heads != hk:  # one selection per query head: each head is its own group
         k, v = (repeat(t, "b h n d -> b (h g) n d", g=hq // hk) for t in (k, v))
@@ -552,13 +557,17 @@ def _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, che
     devices = {t.device for t in (q, k, v, block_indices, block_mask)}
     if len(devices) > 1 or (sel_scale is not None and sel_scale.device not in devices):
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if check_indices:
+        _check_index_range(block_indices, block_mask, n, block_size)
     if triton_mode() == "compiled" and q.device.type != "cuda":
         raise ValueError(
             f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
             f"(they are on {q.device})"
         )
-    if not check_indices:
-        return
+
+
+def _check_index_range(block_indices: Tensor, block_mask: Tensor, n: int, block_size: int) -> None:
+    """Every selected index names a block of the sequence (this waits for the GPU)."""
     num_blocks = math.ceil(n / block_size)
     outside = block_mask & ((block_indices < 0) | (block_indices >= num_blocks))
     if outside.any():  # a small reduction, then a wait for the GPU: reading past k is worse
