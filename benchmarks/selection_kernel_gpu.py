@@ -4,6 +4,9 @@ Run on a CUDA machine from the repository root, with fla-core 0.6.0 importable:
 
     python benchmarks/selection_kernel_gpu.py --out benchmarks/selection_kernel_gpu.json
 
+The committed JSON came from `--out $OUT/selection_kernel_gpu.json --sweep 16384` on the
+lent H200 (its "command" field), copied back here; fla-core travelled as a wheel.
+
 Shape (issue 7): batch 1, 64 query heads, 4 kv heads, head dim 128, bfloat16, blocks of
 64, 16 selected blocks per token: its own block and 15 drawn at random among the blocks
 before it (all of them while there are fewer). nsa_tutorial and fla's `parallel_nsa`
