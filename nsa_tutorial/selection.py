@@ -377,7 +377,7 @@ def selection_attention(
     if indices.shape[-1] == 0:
         return block_causal_attention(q, k, v, block, causal, scale)
     selected = values > SELECTED_THRESHOLD
-    if use_triton:
+    if use_triton:  # imported here: the rest of the package works without Triton
         from nsa_tutorial.kernels.selection import selection_attention as selection_kernel
 
         gates = straight_through_gates(values) if diff_topk else None

@@ -385,6 +385,7 @@ def _launch_settings(kind: str, dim: int) -> dict[str, int]:
 
 
 def _forward(q, k, v, indices, mask, gates, block_size, causal, scale):
+    """out (b, hq, n, d) and each row's log-sum-exp (b, hq, n), in log2 units, for backward."""
     b, hq, n, d = q.shape
     hk = k.shape[1]
     out = torch.empty_like(q)
