@@ -134,6 +134,20 @@ def test_every_slot_dropped():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), inputs))
 
 
+def test_int32_indices_and_a_block_selected_twice():
+    """int32 indices work; a block listed in two slots counts twice, as in the PyTorch path."""
+    q, k, v, indices, mask, gates = random_problem(1, 1, 2, 40, 16, 8, 3, True, torch.float32, 11)
+    indices[..., 1] = indices[..., 0]
+    inputs = [t.requires_grad_() for t in (q, k, v, gates)]
+    out = selection_attention(q, k, v, indices.int(), mask, 8, sel_scale=gates)
+    expected = reference(q, k, v, indices, mask, 8, True, gates)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), inputs)
+    expected_grads = torch.autograd.grad(expected.sum(), inputs)
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
+
+
 def test_visible_blocks_drops_masked_and_non_past_blocks():
     indices = torch.tensor([[[[0, 1], [0, 1], [1, 0], [2, 1], [2, 0]]]])  # (1, 1, 5, 2)
     mask = torch.tensor([[[[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]]]], dtype=torch.bool)
