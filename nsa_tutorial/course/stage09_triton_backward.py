@@ -24,8 +24,8 @@ def invert_selection_spec(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tens
             entries += [p for p, block in enumerate(slots) if block == j]
             offsets.append(len(entries))
         empty += [p for p, block in enumerate(slots) if block < 0]
-    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
-    return as_int32(entries + empty), as_int32(offsets)
+    entries = torch.tensor(entries + empty, dtype=torch.int32)
+    return entries, torch.tensor(offsets, dtype=torch.int32)
 
 
 def _cases() -> list[Case]:
@@ -43,8 +43,7 @@ def _slot_major(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
     b, h, n, s = blocks.shape
     swapped = blocks.transpose(-1, -2).reshape(b, h, n * s)
     entries, offsets = invert_selection_spec(swapped[..., None], num_blocks)
-    position = lambda p: (p % n) * s + p // n  # noqa: E731
-    return entries.apply_(position), offsets
+    return (entries % n) * s + entries // n, offsets  # slot-major number -> t * s + slot
 
 
 def _empty_as_last_block(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
