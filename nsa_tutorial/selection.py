@@ -377,10 +377,10 @@ def selection_attention(
     if indices.shape[-1] == 0:
         return block_causal_attention(q, k, v, block, causal, scale)
     selected = values > SELECTED_THRESHOLD
+    gates = straight_through_gates(values) if diff_topk else None
     if use_triton:  # imported here: the rest of the package works without Triton
         from nsa_tutorial.kernels.selection import selection_attention as selection_kernel
 
-        gates = straight_through_gates(values) if diff_topk else None
         out = selection_kernel(
             q, k, v, indices, selected, block,
             sel_scale=gates, include_block_causal=causal, scale=scale, check_indices=False,
@@ -394,7 +394,6 @@ def selection_attention(
             )
         block_mask = flex_mask(indices, selected, q.shape[1] // indices.shape[1])
         return fine_attention_flex(q, k, v, indices, selected, block, causal, block_mask, scale)
-    gates = straight_through_gates(values) if diff_topk else None
     dense = q.shape[-2] <= DENSE_MAX_SEQ_LEN
     attention = fine_attention_dense if dense else fine_attention_gathered
     return attention(q, k, v, indices, selected, block, causal, gates, scale)
