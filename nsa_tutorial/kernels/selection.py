@@ -447,7 +447,7 @@ def _backward(do, q, k, v, out, lse, indices, mask, gates, block_size, causal, s
     dq, dgates, delta = _backward_dq(
         q, k, v, out, do, lse, indices, mask, gates, block_size, causal, scale
     )
-    blocks = visible_blocks(indices, mask.bool(), block_size, causal)
+    blocks = visible_blocks(indices, mask.view(torch.bool), block_size, causal)
     index = invert_selection(blocks, math.ceil(q.shape[-2] / block_size))
     dk, dv = _backward_dkv(
         q, k, v, do, lse, delta, blocks, gates, block_size, causal, scale, index
