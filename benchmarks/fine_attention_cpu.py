@@ -28,7 +28,8 @@ RESULTS = Path(__file__).with_suffix(".json")
 def measure(path: str, n: int, repeats: int = 2) -> dict:
     import torch
 
-    from nsa_tutorial.selection import fine_attention_dense, fine_attention_gathered, top_blocks
+    from nsa_tutorial.fine_attention import fine_attention_dense, fine_attention_gathered
+    from nsa_tutorial.selection import top_blocks
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -36,10 +37,10 @@ def measure(path: str, n: int, repeats: int = 2) -> dict:
     q, k, v = (torch.randn(1, heads, n, 64) for heads in (8, 2, 2))
     values, indices = top_blocks(torch.rand(1, 2, n, n // 64), 16)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    attention(q, k, v, indices, values > 0.5, 64, True)  # warm-up
+    attention(q, k, v, indices, values > 0.5, block_size=64, causal=True)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
-        attention(q, k, v, indices, values > 0.5, 64, True)
+        attention(q, k, v, indices, values > 0.5, block_size=64, causal=True)
     seconds = (time.perf_counter() - start) / repeats
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     return {"path": path, "seq_len": n, "seconds": seconds, "extra_peak_mb": peak_mb}

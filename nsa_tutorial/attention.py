@@ -13,36 +13,31 @@ the version of the class this course grew from.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from copy import deepcopy
 
 import torch
-import torch.nn.functional as F
 from einops import einsum, rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from nsa_tutorial.attend import attend
-from nsa_tutorial.cache import update_running_buffer
+from nsa_tutorial.cache import Cache, CompressionState, KeysValues, decode_step, running_buffer
 from nsa_tutorial.compress import (
     compress,
     compressed_attention,
     default_compress_mlp,
     prepend_memory,
 )
+from nsa_tutorial.fine_attention import FlexMaskBuilder
 from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.kernels import TRITON_AVAILABLE
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
-from nsa_tutorial.selection import selection_attention, selection_attention_rows
+from nsa_tutorial.selection import selection_branch
 from nsa_tutorial.sliding import sliding_window_attention, sliding_window_attention_flex
 from nsa_tutorial.validation import require_positive_int
 
 STRATEGIES = ("compressed", "selected", "sliding")
-
-# ((rotated keys, values), ((compressed keys, compressed values), (running keys, values)))
-Cache = tuple[tuple[Tensor, Tensor], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]
 
 
 def default_strategy_gates(dim: int, heads: int) -> nn.Linear:
@@ -60,7 +55,7 @@ def strategy_gate_network(mlp: nn.Module, heads: int) -> nn.Sequential:
 
     Each gate is its own sigmoid, so the branches are not forced to share a total of 1.
     """
-    return nn.Sequential(mlp, nn.Sigmoid(), Rearrange("b n (h s) -> b h n s", h=heads))
+    return nn.Sequential(mlp, nn.Sigmoid(), Rearrange("b n (h branch) -> b h n branch", h=heads))
 
 
 def combine_branches(
@@ -68,7 +63,7 @@ def combine_branches(
 ) -> Tensor:
     """Eq. 5: gates (b, h, n, 3) weigh the branch outputs (b, h, n, d) -> (b, h, n, d)."""
     branches = torch.stack((compressed, selected, sliding))  # (3, b, h, n, d)
-    return einsum(gates, branches, "b h n s, s b h n d -> b h n d")
+    return einsum(gates, branches, "b h n branch, branch b h n d -> b h n d")
 
 
 class SparseAttention(nn.Module):
@@ -104,19 +99,13 @@ class SparseAttention(nn.Module):
             else compress_block_sliding_stride
         )
         _validate(
-            dim=dim,
-            dim_head=dim_head,
-            heads=heads,
-            kv_heads=kv_heads,
-            sliding_window_size=sliding_window_size,
-            compress_block_size=compress_block_size,
-            compress_block_sliding_stride=stride,
-            selection_block_size=selection_block_size,
-            num_selected_blocks=num_selected_blocks,
-            num_compressed_mem_kv=num_compressed_mem_kv,
+            dim=dim, dim_head=dim_head, heads=heads, kv_heads=kv_heads,
+            sliding_window_size=sliding_window_size, compress_block_size=compress_block_size,
+            compress_block_sliding_stride=stride, selection_block_size=selection_block_size,
+            num_selected_blocks=num_selected_blocks, num_compressed_mem_kv=num_compressed_mem_kv,
             interpolated_importance_score=interpolated_importance_score,
             use_triton_kernel=use_triton_kernel,
-        )
+        )  # fmt: skip
         if num_selected_blocks == 0:
             warnings.warn(
                 "num_selected_blocks=0 turns the selection branch into attention within each "
@@ -170,75 +159,59 @@ class SparseAttention(nn.Module):
         cache: Cache | None = None,
         disable_triton_kernel: bool = False,
         sliding_window_flex_mask: BlockMask | None = None,
-        fine_selection_flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
+        fine_selection_flex_mask: FlexMaskBuilder | None = None,
         return_cache: bool = False,
     ) -> Tensor | tuple[Tensor, Cache]:
         """inp (b, n, dim) -> (b, n, dim); with return_cache=True, also the cache.
 
-        With a `cache` (from an earlier call with return_cache=True), inp is the one
-        next token (b, 1, dim), and the output equals the last row of a full forward
-        over the whole sequence (notebook 07). The flex-attention masks, from
+        The arguments are the reference's, in its order. With a `cache` (from an earlier
+        call with return_cache=True), inp is the one next token (b, 1, dim) and the
+        output equals the last row of a full forward over the whole sequence
+        (`nsa_tutorial.cache`, notebook 07). The flex-attention masks, from
         `nsa_tutorial.sliding.sliding_window_flex_mask` and
-        `nsa_tutorial.selection.fine_selection_flex_mask` built for this length,
-        compute the sliding and selected branches with flex attention instead; the
-        numbers are the same. The arguments are the reference's, in its order. With
-        use_triton_kernel=True the selection branch runs the Triton kernel of notebooks
-        08-09 (it wins over the flex mask), unless `disable_triton_kernel` asks for the
-        PyTorch path; decoding steps always take the PyTorch path (one row each).
+        `nsa_tutorial.fine_attention.fine_selection_flex_mask` built for this length,
+        compute the sliding and selected branches with flex attention; the numbers are
+        the same. With use_triton_kernel=True the selection branch runs the Triton kernel
+        of notebooks 08-09 (it wins over the flex mask) unless `disable_triton_kernel`.
         """
-        self._check_input(inp)
-        if return_cache and not self.causal:
-            raise ValueError(
-                "return_cache=True needs causal=True: a cache serves decoding token by token"
-            )
+        self._check_input(inp, sliding_window_flex_mask, return_cache)
         if cache is not None:
-            return self._decode(inp, cache, return_cache)
-        if sliding_window_flex_mask is not None:
-            lengths = tuple(sliding_window_flex_mask.seq_lengths)
-            if lengths[0] != inp.shape[1]:
-                raise ValueError(
-                    f"sliding_window_flex_mask was built for {lengths[0]} queries, "
-                    f"but inp has seq_len={inp.shape[1]}"
-                )
-        inp = self.norm(inp)
-        q, k, v = self.project_heads(inp)
-
+            out, cache = decode_step(self, inp, cache)
+            return (out, cache) if return_cache else out
+        x = self.norm(inp)
+        q, k, v = self.project_heads(x)
         ck, cv = self.compressed_tokens(k, v)
         compressed, logits = self.compressed_branch(q, ck, cv)
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
         rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
-        use_triton = self.use_triton_kernel and not disable_triton_kernel
         selected = self.selected_branch(
-            rotated_q, rotated_k, v, logits, fine_selection_flex_mask, use_triton=use_triton
-        )
-        if sliding_window_flex_mask is None:
-            sliding = sliding_window_attention(
-                rotated_q, rotated_k, v, self.sliding_window_size, self.causal, self.scale
-            )
-        else:
-            sliding = sliding_window_attention_flex(
-                rotated_q, rotated_k, v, sliding_window_flex_mask, self.scale
-            )
-        out = self._combine(inp, compressed, selected, sliding)
+            rotated_q, rotated_k, v, logits,
+            flex_mask=fine_selection_flex_mask,
+            use_triton=self.use_triton_kernel and not disable_triton_kernel,
+        )  # fmt: skip
+        sliding = self.sliding_branch(rotated_q, rotated_k, v, sliding_window_flex_mask)
+        out = self.combine(x, compressed, selected, sliding)  # Eq. 5
         if not return_cache:
             return out
-        return out, ((rotated_k, v), ((ck, cv), self._running_buffer(k, v)))
+        running = running_buffer(k, v, self.compress_block_size, self.compress_block_sliding_stride)
+        compression = CompressionState(KeysValues(ck, cv), running)
+        return out, Cache(KeysValues(rotated_k, v), compression)
 
-    def project_heads(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def project_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, kv_heads, n, d)."""
-        q, k, v = self.to_qkv(inp).split(self.qkv_split, dim=-1)
+        q, k, v = self.to_qkv(x).split(self.qkv_split, dim=-1)
         return tuple(rearrange(t, "b n (h d) -> b h n d", d=self.dim_head) for t in (q, k, v))
 
-    def _combine(
-        self, inp: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor
-    ) -> Tensor:
-        gates = self.to_strategy_combine(inp)  # (b, h, n, 3)
-        out = combine_branches(gates, compressed, selected, sliding)
-        return self.combine_heads(rearrange(out, "b h n d -> b n (h d)"))
+    def compressed_tokens(
+        self, k: Tensor, v: Tensor, stride: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Compressed keys and values (b, kv_heads, w, d) of unrotated k, v (no memory).
 
-    def compressed_tokens(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Compressed keys and values (b, kv_heads, w, d) of unrotated k, v (no memory)."""
-        block, stride = self.compress_block_size, self.compress_block_sliding_stride
+        stride defaults to compress_block_sliding_stride; a decoding step compresses the
+        one block it closes with stride = block size.
+        """
+        block = self.compress_block_size
+        stride = self.compress_block_sliding_stride if stride is None else stride
         ck = compress(k, self.k_intrablock_positions, self.k_compress, block, stride)
         cv = compress(v, self.v_intrablock_positions, self.v_compress, block, stride)
         return ck, cv
@@ -246,147 +219,55 @@ class SparseAttention(nn.Module):
     def compressed_branch(
         self, q: Tensor, ck: Tensor, cv: Tensor, first_query: int = 0
     ) -> tuple[Tensor, Tensor]:
-        """Attention over memory + compressed keys/values; also the logits."""
+        """Attention over memory + compressed keys/values; also the logits (importance)."""
         ck = prepend_memory(ck, self.compress_mem_kv[0])
         cv = prepend_memory(cv, self.compress_mem_kv[1])
         return compressed_attention(
-            q,
-            ck,
-            cv,
-            self.num_mem_compress_kv,
-            self.compress_block_sliding_stride,
-            self.causal,
-            self.scale,
-            first_query,
-        )
+            q, ck, cv, self.num_mem_compress_kv, self.compress_block_sliding_stride,
+            self.causal, self.scale, first_query,
+        )  # fmt: skip
 
     def selected_branch(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        logits: Tensor,
-        flex_mask: Callable[[Tensor, Tensor, int], BlockMask] | None = None,
-        first_query: int = 0,
-        use_triton: bool = False,
-    ) -> Tensor:
+        self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor, *, first_query: int = 0,
+        flex_mask: FlexMaskBuilder | None = None, use_triton: bool = False,
+    ) -> Tensor:  # fmt: skip
         """Fine attention over the top blocks chosen from the compressed logits.
 
-        With first_query > 0 (decoding), q holds the queries from that position on
-        and k, v the whole sequence so far. `use_triton` runs the Triton kernel.
+        q holds the queries from first_query on (a decoding step: one), k and v the
+        rotated keys and values so far.
         """
         group = self.num_grouped_queries if self.query_heads_share_selected_kv else None
         importance = importance_scores(
-            logits,
-            self.num_mem_compress_kv,
-            self.compress_block_sliding_stride,
-            self.selection_block_size,
-            group,
-            self.interpolated_importance_score,
-            self.causal,
-            first_query,
-        )
-        if first_query:
-            return selection_attention_rows(
-                q,
-                k,
-                v,
-                importance,
-                self.num_selected_blocks,
-                self.selection_block_size,
-                first_query,
-                self.use_diff_topk,
-                self.scale,
+            logits, self.num_mem_compress_kv, self.compress_block_sliding_stride,
+            self.selection_block_size, group, self.interpolated_importance_score,
+            self.causal, first_query,
+        )  # fmt: skip
+        return selection_branch(
+            q, k, v, importance,
+            num_selected=self.num_selected_blocks, block_size=self.selection_block_size,
+            causal=self.causal, diff_topk=self.use_diff_topk, scale=self.scale,
+            first_query=first_query, flex_mask=flex_mask, use_triton=use_triton,
+        )  # fmt: skip
+
+    def sliding_branch(
+        self, q: Tensor, k: Tensor, v: Tensor, flex_mask: BlockMask | None = None
+    ) -> Tensor:
+        """The sliding window over rotated q, k and v; through flex attention with a mask."""
+        if flex_mask is None:
+            return sliding_window_attention(
+                q, k, v, self.sliding_window_size, self.causal, self.scale
             )
-        return selection_attention(
-            q,
-            k,
-            v,
-            importance,
-            self.num_selected_blocks,
-            self.selection_block_size,
-            self.causal,
-            self.use_diff_topk,
-            self.scale,
-            flex_mask,
-            use_triton,
-        )
+        return sliding_window_attention_flex(q, k, v, flex_mask, self.scale)
 
-    def _running_buffer(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The keys and values (unrotated) after the last compressed block, with the
-        block - stride tokens before them that the next block shares (zeros before 0)."""
-        overlap = self.compress_block_size - self.compress_block_sliding_stride
-        start = (
-            k.shape[-2] // self.compress_block_sliding_stride * self.compress_block_sliding_stride
-        )
-        return tuple(F.pad(t, (0, 0, overlap, 0))[..., start:, :] for t in (k, v))
+    def combine(self, x: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor) -> Tensor:
+        """Eq. 5: the gated sum of the three branches (b, h, n, d), projected -> (b, n, dim)."""
+        gates = self.to_strategy_combine(x)  # (b, h, n, 3)
+        out = combine_branches(gates, compressed, selected, sliding)
+        return self.combine_heads(rearrange(out, "b h n d -> b n (h d)"))
 
-    def _decode(self, inp: Tensor, cache: Cache, return_cache: bool):
-        """One token (b, 1, dim) after the cached ones: the last row of the full forward."""
-        self._check_cache(inp, cache)
-        (cache_k, cache_v), ((ck, cv), (run_k, run_v)) = cache
-        position = cache_k.shape[-2]
-        block, stride = self.compress_block_size, self.compress_block_sliding_stride
-        inp = self.norm(inp)
-        q, k, v = self.project_heads(inp)
-
-        k_block, run_k = update_running_buffer(run_k, k, block, stride)
-        v_block, run_v = update_running_buffer(run_v, v, block, stride)
-        if k_block is not None:  # this token closes a block: compress it
-            new_k = compress(k_block, self.k_intrablock_positions, self.k_compress, block, block)
-            new_v = compress(v_block, self.v_intrablock_positions, self.v_compress, block, block)
-            ck, cv = torch.cat((ck, new_k), dim=-2), torch.cat((cv, new_v), dim=-2)
-        compressed, logits = self.compressed_branch(q, ck, cv, position)
-
-        rotated_q = self.rotary_emb.rotate_queries_or_keys(q, offset=position)
-        keys = torch.cat((cache_k, self.rotary_emb.rotate_queries_or_keys(k, offset=position)), -2)
-        values = torch.cat((cache_v, v), dim=-2)
-        selected = self.selected_branch(rotated_q, keys, values, logits, first_query=position)
-        window = slice(max(position - self.sliding_window_size, 0), None)
-        sliding, _ = attend(
-            rotated_q, keys[..., window, :], values[..., window, :], scale=self.scale
-        )
-        out = self._combine(inp, compressed, selected, sliding)
-        if not return_cache:
-            return out
-        return out, ((keys, values), ((ck, cv), (run_k, run_v)))
-
-    def _check_cache(self, inp: Tensor, cache: Cache) -> None:
-        if not self.causal:
-            raise ValueError("decoding with a cache needs causal=True")
-        if inp.shape[1] != 1:
-            raise ValueError(
-                "with a cache, inp must be one new token (batch, 1, dim), "
-                f"got seq_len={inp.shape[1]}"
-            )
-        try:
-            (cache_k, cache_v), ((ck, cv), (run_k, run_v)) = cache
-        except (TypeError, ValueError):
-            raise ValueError(
-                "cache must be what forward(..., return_cache=True) returned: "
-                "((k, v), ((compressed_k, compressed_v), (running_k, running_v)))"
-            ) from None
-        batch, t = inp.shape[0], cache_k.shape[-2]
-        stride = self.compress_block_sliding_stride
-        overlap = self.compress_block_size - stride
-        expected = {
-            "cached keys": (cache_k, t),
-            "cached values": (cache_v, t),
-            "compressed keys": (ck, t // stride),
-            "compressed values": (cv, t // stride),
-            "running keys": (run_k, t - t // stride * stride + overlap),
-            "running values": (run_v, t - t // stride * stride + overlap),
-        }
-        for name, (tensor, length) in expected.items():
-            shape = (batch, self.kv_heads, length, self.dim_head)
-            if not isinstance(tensor, Tensor) or tuple(tensor.shape) != shape:
-                got = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-                raise ValueError(
-                    f"the cache does not fit this module and input: its {name} should have "
-                    f"shape {shape} (batch, kv_heads, length, dim_head), got {got}"
-                )
-
-    def _check_input(self, inp: Tensor) -> None:
+    def _check_input(
+        self, inp: Tensor, sliding_window_flex_mask: BlockMask | None, return_cache: bool
+    ) -> None:
         if not isinstance(inp, Tensor):
             raise TypeError(f"inp must be a torch.Tensor, got {type(inp).__name__}")
         if inp.ndim != 3:
@@ -402,6 +283,17 @@ class SparseAttention(nn.Module):
             raise TypeError(f"inp must be a floating-point tensor, got dtype {inp.dtype}")
         if inp.shape[1] == 0:
             raise ValueError("inp must hold at least one token, got seq_len=0")
+        if return_cache and not self.causal:
+            raise ValueError(
+                "return_cache=True needs causal=True: a cache serves decoding token by token"
+            )
+        if sliding_window_flex_mask is not None:
+            built_for = tuple(sliding_window_flex_mask.seq_lengths)[0]
+            if built_for != inp.shape[1]:
+                raise ValueError(
+                    f"sliding_window_flex_mask was built for {built_for} queries, "
+                    f"but inp has seq_len={inp.shape[1]}"
+                )
 
 
 def _validate(**args) -> None:

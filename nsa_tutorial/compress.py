@@ -17,7 +17,7 @@ from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from nsa_tutorial.attend import attend
+from nsa_tutorial.gqa import attend
 
 
 def num_compressed_blocks(seq_len: int, stride: int) -> int:
@@ -38,8 +38,8 @@ def compression_windows(x: Tensor, block_size: int, stride: int) -> Tensor:
         return x.new_zeros(*x.shape[:-2], 0, block_size, x.shape[-1])
     x = x[..., : w * stride, :]
     x = F.pad(x, (0, 0, block_size - stride, 0))
-    windows = x.unfold(-2, block_size, stride)  # (b, h, w, d, block_size)
-    return rearrange(windows, "b h w d n -> b h w n d")
+    windows = x.unfold(-2, block_size, stride)  # (b, h, w, d, l)
+    return rearrange(windows, "b h w d l -> b h w l d")
 
 
 def default_compress_mlp(block_size: int, dim_head: int, expand_factor: float = 1.0) -> nn.Module:
@@ -50,7 +50,7 @@ def default_compress_mlp(block_size: int, dim_head: int, expand_factor: float = 
     flat = block_size * dim_head
     hidden = int(expand_factor * flat)
     return nn.Sequential(
-        Rearrange("b h w n d -> b h w (n d)"),
+        Rearrange("b h w l d -> b h w (l d)"),
         nn.Linear(flat, hidden),
         nn.ReLU(),
         nn.Linear(hidden, dim_head),

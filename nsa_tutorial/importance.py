@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import reduce, repeat
 from torch import Tensor
 
-from nsa_tutorial.attend import masked_logit
+from nsa_tutorial.gqa import masked_logit
 
 SINK_LOGIT = -1e3  # the reference's extra column: blocks far below it get probability ~0
 
@@ -53,7 +53,7 @@ def token_scores(
     """
     w = scores.shape[-1]
     if not interpolate:
-        return repeat(scores, "... w -> ... (w s)", s=stride)
+        return repeat(scores, "... w -> ... (w l)", l=stride)
     if hidden_after:
         scores = F.pad(scores, (0, 1), value=masked_logit(scores.dtype))
     return interpolate_linear(scores, scores.shape[-1] * stride)[..., : w * stride]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nsa_tutorial.attention import Cache, SparseAttention
+from nsa_tutorial.attention import SparseAttention
+from nsa_tutorial.cache import Cache
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.validation import require_positive_int
 

@@ -27,7 +27,7 @@ def sliding_window_mask(seq_len: int, window: int, causal: bool) -> Tensor:
 
 
 def _neighbour_chunks(x: Tensor, forward: bool) -> Tensor:
-    """(b, h, c, w, d) chunks -> (b, h, c, k * w, d): the previous, own (and next) chunk."""
+    """(b, h, c, l, d) chunks -> (b, h, c, 2l or 3l, d): the previous, own (and next) chunk."""
     padded = F.pad(x, (0, 0, 0, 0, 1, 1 if forward else 0))
     parts = (
         [padded[:, :, :-2], padded[:, :, 1:-1], padded[:, :, 2:]]
@@ -51,22 +51,22 @@ def sliding_window_attention(
     pad = -n % window
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     chunks = (n + pad) // window
-    q = rearrange(q, "b (h g) (c w) d -> b h g c w d", g=group, w=window)
+    q = rearrange(q, "b (h g) (c l) d -> b h g c l d", g=group, l=window)
     k, v = (
-        _neighbour_chunks(rearrange(t, "b h (c w) d -> b h c w d", w=window), not causal)
+        _neighbour_chunks(rearrange(t, "b h (c l) d -> b h c l d", l=window), not causal)
         for t in (k, v)
     )  # (b, hk, c, keys, d)
     query_pos = torch.arange(n + pad, device=q.device).reshape(chunks, window, 1)
     key_pos = (torch.arange(chunks, device=q.device)[:, None] - 1) * window + torch.arange(
         k.shape[-2], device=q.device
     )  # (c, keys): absolute position of each neighbour key; < 0 is before the start
-    offset = key_pos[:, None, :] - query_pos  # (c, w, keys): j - i
+    offset = key_pos[:, None, :] - query_pos  # (c, l, keys): j - i
     inside = (key_pos >= 0) & (key_pos < n + pad)  # (c, keys): not the zeros around the chunks
     visible = (offset >= -window) & (offset <= (0 if causal else window)) & inside[:, None]
     logits = einsum(q, k, "b h g c i d, b h c j d -> b h g c i j") * scale
     logits = logits.masked_fill(~visible, -torch.finfo(logits.dtype).max)
     out = einsum(logits.softmax(dim=-1), v, "b h g c i j, b h c j d -> b h g c i d")
-    return rearrange(out, "b h g c w d -> b (h g) (c w) d")[..., :n, :]
+    return rearrange(out, "b h g c l d -> b (h g) (c l) d")[..., :n, :]
 
 
 def sliding_window_flex_mask(seq_len: int, window: int, causal: bool) -> BlockMask:

@@ -11,17 +11,26 @@ from __future__ import annotations
 import io
 import warnings
 
-import ipywidgets as widgets
-import matplotlib
 import torch
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 from torch import Tensor
+
+# Course dependencies: `import nsa_tutorial` never imports this module.
+try:
+    import ipywidgets as widgets
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+except ImportError as error:
+    raise ImportError(
+        f"nsa_tutorial.viz needs the course's packages ({error.name} is missing): "
+        "`make lab` installs them, or pip install 'nsa-tutorial[course]'"
+    ) from error
 
 from nsa_tutorial.attention import SparseAttention
 from nsa_tutorial.compress import compressed_causal_mask
+from nsa_tutorial.fine_attention import fine_mask
 from nsa_tutorial.importance import importance_scores
-from nsa_tutorial.selection import SELECTED_THRESHOLD, fine_mask, top_blocks
+from nsa_tutorial.selection import SELECTED_THRESHOLD, top_blocks
 from nsa_tutorial.sliding import sliding_window_mask
 
 BRANCHES = ("compressed", "selected", "diagonal", "sliding")
@@ -65,7 +74,8 @@ def branch_masks(model: SparseAttention, x: Tensor, head: int = 0) -> dict[str, 
     own_block = torch.arange(n) // size
     if indices.shape[-1]:
         picked = values > SELECTED_THRESHOLD
-        selected = fine_mask(indices, picked, n, size, causal=False)[0, selection_head]
+        mask = fine_mask(indices, picked, seq_len=n, block_size=size, causal=False)
+        selected = mask[0, selection_head]
         selected &= own_block[None, :] < own_block[:, None]
     else:
         selected = torch.zeros(n, n, dtype=torch.bool)

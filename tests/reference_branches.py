@@ -16,7 +16,7 @@ from torch import nn
 from nsa_tutorial.compress import compress, compressed_attention, prepend_memory
 from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.rotary import apply_rotary
-from nsa_tutorial.selection import selection_attention
+from nsa_tutorial.selection import selection_branch
 
 BRANCHES = ("compressed", "selected", "sliding")
 
@@ -74,14 +74,14 @@ def our_branches(model, x, interpolate: bool = False) -> dict[str, torch.Tensor]
     )
     freqs = model.rotary_emb.freqs
     rq, rk = apply_rotary(q, freqs), apply_rotary(k, freqs)
-    selected = selection_attention(
+    selected = selection_branch(
         rq,
         rk,
         v,
         importance,
-        model.num_selected_blocks,
-        model.selection_block_size,
-        model.causal,
-        model.use_diff_topk,
+        num_selected=model.num_selected_blocks,
+        block_size=model.selection_block_size,
+        causal=model.causal,
+        diff_topk=model.use_diff_topk,
     )
     return {"compressed": compressed, "selected": selected}

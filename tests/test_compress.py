@@ -4,7 +4,6 @@ import pytest
 import torch
 from native_sparse_attention_pytorch import SparseAttention as Reference
 
-from nsa_tutorial.attend import masked_logit
 from nsa_tutorial.compress import (
     compressed_attention,
     compressed_causal_mask,
@@ -16,6 +15,7 @@ from nsa_tutorial.course.stage02_compression import (
     compressed_causal_mask_spec,
     compression_windows_spec,
 )
+from nsa_tutorial.gqa import masked_logit
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 16, 33])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nsa_tutorial
-from nsa_tutorial import attention, cache, compress, importance, selection, sliding
+from nsa_tutorial import attention, cache, compress, fine_attention, importance, selection, sliding
 from nsa_tutorial.course import EXERCISES, STAGES, check
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
@@ -28,7 +28,17 @@ from nsa_tutorial.course.stage00_welcome import causal_attention_spec
 def gathered_selection(q, k, v, blocks, block_size, causal):
     """Notebook 04's gathered PyTorch path, called with the exercise's -1 slots."""
     indices, selected = blocks.clamp(min=0).long(), blocks >= 0
-    return selection.fine_attention_gathered(q, k, v, indices, selected, block_size, causal)
+    return fine_attention.fine_attention_gathered(
+        q, k, v, indices, selected, block_size=block_size, causal=causal
+    )
+
+
+def single_token_selection(q, k, v, importance, num_selected, block):
+    """The package's selection branch for the newest token alone: one decoding row."""
+    return selection.selection_branch(
+        q, k, v, importance, num_selected=num_selected, block_size=block, causal=True,
+        first_query=k.shape[-2] - 1,
+    )  # fmt: skip
 
 
 def triton_selection_attention(q, k, v, blocks, block_size, causal):
@@ -36,10 +46,10 @@ def triton_selection_attention(q, k, v, blocks, block_size, causal):
     from nsa_tutorial.kernels.selection import selection_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v, indices, mask = (
+    q, k, v, indices, selected = (
         t.to(device) for t in (q, k, v, blocks.clamp(min=0).long(), blocks >= 0)
     )
-    out = selection_attention(q, k, v, indices, mask, block_size, include_block_causal=causal)
+    out = selection_attention(q, k, v, indices, selected, block_size=block_size, causal=causal)
     return out.cpu()
 
 
@@ -57,8 +67,12 @@ PACKAGE = {
     "selection_block_scores": [importance.selection_block_scores],
     "block_probabilities": [importance.block_probabilities],
     "top_blocks": [selection.top_blocks],
-    "gather_blocks": [selection.gather_blocks],
-    "fine_attention": [selection.fine_attention_dense, selection.fine_attention_gathered],
+    "gather_blocks": [fine_attention.gather_blocks],
+    "fine_attention": [
+        fine_attention.fine_attention,
+        fine_attention.fine_attention_dense,
+        fine_attention.fine_attention_gathered,
+    ],
     "sliding_window_mask": [sliding.sliding_window_mask],
     "sliding_window_attention": [sliding.sliding_window_attention],
     "strategy_gates": [
@@ -68,7 +82,7 @@ PACKAGE = {
     ],
     "combine_branches": [attention.combine_branches],
     "update_running_buffer": [cache.update_running_buffer],
-    "single_token_selection": [cache.single_token_selection],
+    "single_token_selection": [single_token_selection],
     "selection_kernel": [gathered_selection, triton_selection_attention],
     "invert_selection": [lambda blocks, num_blocks: kernel_index(blocks, num_blocks)],
 }

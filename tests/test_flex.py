@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nsa_tutorial import SparseAttention
-from nsa_tutorial.selection import fine_selection_flex_mask
+from nsa_tutorial.fine_attention import fine_selection_flex_mask
 from nsa_tutorial.sliding import sliding_window_flex_mask
 
 # Uncompiled flex attention (the CPU path) warns that it materialises the scores.

@@ -1,4 +1,4 @@
-"""Stage 04 functions: top-n, gathering, and both fine-attention paths against the loop spec."""
+"""Stage 04 functions: top-n, gathering, and the fine-attention paths against the loop spec."""
 
 import functools
 
@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from nsa_tutorial.course.stage04_selection import fine_attention_spec, gather_blocks_spec
-from nsa_tutorial.selection import (
+from nsa_tutorial.fine_attention import (
+    fine_attention,
     fine_attention_dense,
     fine_attention_gathered,
     gather_blocks,
-    straight_through_gates,
-    top_blocks,
 )
+from nsa_tutorial.selection import straight_through_gates, top_blocks
 
-PATHS = [fine_attention_dense, fine_attention_gathered]
+PATHS = [fine_attention_dense, fine_attention_gathered, fine_attention]
 
 
 def test_top_blocks_clips_n():
@@ -56,8 +56,9 @@ def test_fine_attention_matches_the_loop(path, causal, hq, hk, shared, n, block)
     h = hk if shared else hq
     q, k, v = (torch.randn(1, heads, n, 8, generator=g) for heads in (hq, hk, hk))
     indices, selected = random_selection(1, h, n, block, 2, causal, g)
-    expected = fine_attention_spec(q, k, v, indices, selected, block, causal)
-    torch.testing.assert_close(path(q, k, v, indices, selected, block, causal), expected)
+    expected = fine_attention_spec(q, k, v, indices, selected, block_size=block, causal=causal)
+    out = path(q, k, v, indices, selected, block_size=block, causal=causal)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -68,11 +69,13 @@ def test_paths_agree_on_gradients_with_diff_topk_gates(causal):
     results = []
     for path in PATHS:
         values, indices = top_blocks(importance, 3)
-        out = path(q, k, v, indices, values > 0.3, 4, causal, straight_through_gates(values))
+        gates = straight_through_gates(values)
+        out = path(q, k, v, indices, values > 0.3, block_size=4, causal=causal, gates=gates)
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v, importance))
         results.append((out, *grads))
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert results[0][-1].abs().sum() > 0, "the gates pass gradients to the importance scores"
 
 
@@ -93,8 +96,26 @@ def test_dense_path_in_query_chunks_equals_the_gathered_path(causal, chunk):
     results = []
     for path in (functools.partial(fine_attention_dense, chunk=chunk), fine_attention_gathered):
         values, indices = top_blocks(importance, 2)
-        out = path(q, k, v, indices, values > 0.3, 4, causal, straight_through_gates(values))
+        gates = straight_through_gates(values)
+        out = path(q, k, v, indices, values > 0.3, block_size=4, causal=causal, gates=gates)
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v, importance))
         results.append((out, *grads))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rows_from_first_query_equal_those_rows_of_the_whole_sequence(path):
+    """A decoding step: queries 13.. over all keys give the last rows of the full call."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, heads, 19, 8, generator=g) for heads in (4, 2, 2))
+    indices, selected = random_selection(1, 2, 19, 4, 2, True, g)
+    gates = torch.rand(1, 2, 19, 2, generator=g)
+    whole = fine_attention_gathered(
+        q, k, v, indices, selected, block_size=4, causal=True, gates=gates
+    )
+    rows = path(
+        q[..., 13:, :], k, v, indices[..., 13:, :], selected[..., 13:, :],
+        block_size=4, causal=True, gates=gates[..., 13:, :], first_query=13,
+    )  # fmt: skip
+    torch.testing.assert_close(rows, whole[..., 13:, :])

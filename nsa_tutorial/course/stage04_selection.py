@@ -65,28 +65,15 @@ def gather_blocks_spec(x: Tensor, indices: Tensor, block: int) -> Tensor:
 
 def _gather_cases() -> list[Case]:
     g = torch.Generator().manual_seed(41)
+
+    def case(x_shape, indices_shape, num_blocks, block):
+        x = torch.randn(*x_shape, generator=g)
+        return Case((x, torch.randint(0, num_blocks, indices_shape, generator=g), block))
+
     return [
-        Case(
-            (
-                torch.randn(1, 1, 8, 2, generator=g),
-                torch.randint(0, 2, (1, 1, 8, 2), generator=g),
-                4,
-            )
-        ),
-        Case(
-            (
-                torch.randn(2, 2, 10, 3, generator=g),
-                torch.randint(0, 3, (2, 2, 10, 2), generator=g),
-                4,
-            )
-        ),
-        Case(
-            (
-                torch.randn(1, 2, 6, 2, generator=g),
-                torch.randint(0, 3, (1, 4, 6, 1), generator=g),
-                2,
-            )
-        ),
+        case((1, 1, 8, 2), (1, 1, 8, 2), 2, 4),
+        case((2, 2, 10, 3), (2, 2, 10, 2), 3, 4),  # a partial last block
+        case((1, 2, 6, 2), (1, 4, 6, 1), 3, 2),  # one selection per query head
     ]
 
 
@@ -113,15 +100,16 @@ GATHER_BLOCKS = Exercise(
 
 
 def fine_attention_spec(
-    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, selected: Tensor, block: int, causal: bool
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, selected: Tensor, *, block_size: int,
+    causal: bool,
+) -> Tensor:  # fmt: skip
     """Query i attends to the keys of its selected blocks (when causal, only blocks
     before its own) and, when causal, to keys j <= i of its own block.
 
     q (b, hq, n, d); k, v (b, hk, n, d); indices, selected (b, h, n, s) with h = hk or hq.
     """
     b, hq, n, d = q.shape
-    h = indices.shape[1]
+    h, block = indices.shape[1], block_size
     out = torch.empty_like(q)
     for bi in range(b):
         for head in range(hq):
@@ -157,7 +145,7 @@ def _fine_cases() -> list[Case]:
         selected = torch.rand(b, h, n, s, generator=g) > 0.3
         if not causal:
             selected[..., 0] = True  # every query sees something
-        return Case((q, k, v, indices, selected, block, causal))
+        return Case((q, k, v, indices, selected), {"block_size": block, "causal": causal})
 
     return [
         case(1, 2, 2, 2, 12, 4, 4, 2, True),
@@ -168,15 +156,25 @@ def _fine_cases() -> list[Case]:
 
 
 def _fine_with(
-    q, k, v, indices, selected, block, causal, *, diagonal="causal", use_selected=True, scale=None
+    q,
+    k,
+    v,
+    indices,
+    selected,
+    *,
+    block_size,
+    causal,
+    diagonal="causal",
+    use_selected=True,
+    scale=None,
 ):
-    from nsa_tutorial.selection import fine_mask, past_blocks_only
+    from nsa_tutorial.fine_attention import fine_mask, past_blocks_only
 
-    n = q.shape[-2]
+    n, block = q.shape[-2], block_size
     chosen = selected if use_selected else torch.ones_like(selected)
     if causal:
         chosen = past_blocks_only(indices, chosen, block)
-    mask = fine_mask(indices, chosen, n, block, causal=False)
+    mask = fine_mask(indices, chosen, seq_len=n, block_size=block, causal=False)
     if causal:
         positions = torch.arange(n)
         own = (positions[:, None] // block) == (positions[None, :] // block)
@@ -199,19 +197,20 @@ FINE_ATTENTION = Exercise(
         Mistake(
             "the block-causal diagonal is missing: when causal, query i also sees keys "
             "i // block * block .. i of its own block.",
-            lambda *a: _fine_with(*a, diagonal="none"),
+            lambda *a, **kw: _fine_with(*a, **kw, diagonal="none"),
         ),
         Mistake(
             "the own block is attended whole; within it, query i may only see keys j <= i.",
-            lambda *a: _fine_with(*a, diagonal="full"),
+            lambda *a, **kw: _fine_with(*a, **kw, diagonal="full"),
         ),
         Mistake(
             "`selected` is ignored: blocks whose importance fell under the threshold must "
             "not be attended.",
-            lambda *a: _fine_with(*a, use_selected=False),
+            lambda *a, **kw: _fine_with(*a, **kw, use_selected=False),
         ),
         Mistake(
-            "the scores are not scaled by dim_head ** -0.5.", lambda *a: _fine_with(*a, scale=1.0)
+            "the scores are not scaled by dim_head ** -0.5.",
+            lambda *a, **kw: _fine_with(*a, **kw, scale=1.0),
         ),
     ),
 )

@@ -112,8 +112,7 @@ SINGLE_TOKEN_SELECTION = Exercise(
     make_cases=_selection_cases,
     mistakes=(
         Mistake(
-            "the own block is missing: the newest token also reads the keys of its own "
-            "block up to itself.",
+            "the own block is missing: the newest token also reads its own block up to itself.",
             lambda *a: _single_token(*a, own_block=False),
         ),
         Mistake(
