@@ -2,44 +2,14 @@
 
 import contextlib
 import io
-import itertools
 import warnings
 
 import pytest
 import torch
+from grids import MODULE_PARITY, config_id
 from native_sparse_attention_pytorch import SparseAttention as Reference
 
 from nsa_tutorial import SparseAttention
-
-CONFIGS = [
-    dict(
-        dim=16,
-        dim_head=8,
-        heads=heads,
-        kv_heads=kv_heads,
-        sliding_window_size=3,
-        compress_block_size=block,
-        compress_block_sliding_stride=stride,
-        selection_block_size=stride * multiple,
-        num_selected_blocks=num_selected,
-        causal=causal,
-        use_diff_topk=diff_topk,
-        query_heads_share_selected_kv=shared,
-    )
-    for causal, (heads, kv_heads), (
-        block,
-        stride,
-    ), multiple, num_selected, diff_topk, shared in itertools.product(
-        [True, False],
-        [(2, 2), (4, 2), (4, 1)],
-        [(4, 4), (8, 4), (4, 2)],
-        [1, 3, 4],
-        [0, 2],
-        [False, True],
-        [True, False],
-    )
-    if not (diff_topk and not causal) and not (shared and heads == kv_heads and not diff_topk)
-]
 
 
 def pair(config, seed=0):
@@ -64,11 +34,7 @@ def gradients(model, x, out, weights, names):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
 
 
-def config_id(config):
-    return "-".join(str(value) for value in list(config.values())[3:])
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", MODULE_PARITY, ids=config_id)
 def test_outputs_and_gradients_equal_the_reference(config):
     reference, ours = pair(config)
     names = [name for name, p in reference.named_parameters() if p.requires_grad]
@@ -88,7 +54,7 @@ def test_outputs_and_gradients_equal_the_reference(config):
 
 
 def test_state_dict_round_trip_and_defaults():
-    config = CONFIGS[0]
+    config = MODULE_PARITY[0]
     reference, ours = pair(config)
     reference.load_state_dict(ours.state_dict(), strict=True)
     default = SparseAttention(

@@ -1,42 +1,12 @@
 """KV-cache decoding: prefill, then one token at a time, equals the full forward."""
 
-import itertools
 import warnings
 
 import pytest
 import torch
+from grids import DECODING, config_id
 
 from nsa_tutorial import SparseAttention
-
-CONFIGS = [
-    dict(
-        dim=16,
-        dim_head=8,
-        heads=heads,
-        kv_heads=kv_heads,
-        sliding_window_size=3,
-        compress_block_size=block,
-        compress_block_sliding_stride=stride,
-        selection_block_size=selection,
-        num_selected_blocks=num_selected,
-        causal=True,
-        use_diff_topk=diff_topk,
-        query_heads_share_selected_kv=shared,
-        interpolated_importance_score=interpolate,
-    )
-    for (heads, kv_heads), (block, stride), (
-        selection,
-        interpolate,
-    ), num_selected, diff_topk, shared in itertools.product(
-        [(2, 2), (4, 2), (4, 1)],
-        [(4, 4), (8, 4), (4, 2)],
-        [(4, False), (8, False), (6, True), (3, True)],
-        [0, 2],
-        [False, True],
-        [True, False],
-    )
-    if (selection % stride == 0 or interpolate) and not (heads == kv_heads and not shared)
-]
 
 
 def model_for(config, dtype, seed):
@@ -60,9 +30,7 @@ def decode(model, x, prefill):
     return torch.cat(outputs, dim=1)
 
 
-@pytest.mark.parametrize(
-    "config", CONFIGS, ids=lambda c: "-".join(str(v) for v in list(c.values())[2:])
-)
+@pytest.mark.parametrize("config", DECODING, ids=config_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_decoding_equals_the_full_forward(config, dtype):
     tolerance = (
@@ -77,7 +45,7 @@ def test_decoding_equals_the_full_forward(config, dtype):
 
 
 def test_prefill_cache_holds_rotated_keys_blocks_and_running_buffer():
-    config = CONFIGS[0] | {"compress_block_size": 8, "compress_block_sliding_stride": 4}
+    config = DECODING[0] | {"compress_block_size": 8, "compress_block_sliding_stride": 4}
     model = model_for(config, torch.float32, 0)
     (k, v), ((ck, cv), (run_k, run_v)) = model(torch.randn(1, 10, 16), return_cache=True)[1]
     assert k.shape == v.shape == (1, 2, 10, 8)
