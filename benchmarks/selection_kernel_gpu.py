@@ -21,6 +21,7 @@ also times variants of the kernels' settings and a breakdown of the passes at le
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -34,8 +35,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nsa_tutorial.fine_attention import fine_attention_gathered  # noqa: E402
 from nsa_tutorial.kernels import selection as kernel  # noqa: E402
-from nsa_tutorial.selection import fine_attention_gathered  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK, SELECTED = 64, 4, 128, 64, 16
 LENGTHS = [8192, 16384, 32768, 65536]
@@ -43,11 +44,12 @@ DTYPE = torch.bfloat16
 
 
 def random_selection(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block indices (1, KV_HEADS, n, SELECTED) and mask: the own block, then 15 distinct
-    random earlier blocks (masked slots where a token has fewer than 15 before it)."""
+    """Block indices (1, KV_HEADS, n, SELECTED) and whether each is selected: the own
+    block, then 15 distinct random earlier blocks (unselected slots where a token has
+    fewer than 15 before it)."""
     num_blocks = n // BLOCK
     own = torch.arange(n, device="cuda") // BLOCK
-    chunks_idx, chunks_mask = [], []
+    chunks_idx, chunks_selected = [], []
     for start in range(0, n, 4096):
         rows = own[start : start + 4096]
         scores = torch.rand(KV_HEADS, len(rows), num_blocks, device="cuda", generator=generator)
@@ -56,33 +58,35 @@ def random_selection(n: int, generator: torch.Generator) -> tuple[torch.Tensor, 
         own_slot = rows[None, :, None].expand(KV_HEADS, -1, 1)
         chunks_idx.append(torch.cat((own_slot, picked), dim=-1))
         always = torch.ones_like(own_slot, dtype=torch.bool)
-        chunks_mask.append(torch.cat((always, values >= 0), dim=-1))
-    return torch.cat(chunks_idx, 1)[None], torch.cat(chunks_mask, 1)[None]
+        chunks_selected.append(torch.cat((always, values >= 0), dim=-1))
+    return torch.cat(chunks_idx, 1)[None], torch.cat(chunks_selected, 1)[None]
 
 
 def make_inputs(n: int, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, HEADS, n, DIM, device="cuda", generator=g).to(DTYPE)
     k, v = (torch.randn(1, KV_HEADS, n, DIM, device="cuda", generator=g).to(DTYPE) for _ in "kv")
-    indices, mask = random_selection(n, g)
+    indices, selected = random_selection(n, g)
     grad_out = torch.randn_like(q)
-    return q, k, v, indices, mask, grad_out
+    return q, k, v, indices, selected, grad_out
 
 
-def ours(q, k, v, indices, mask):
-    return kernel.selection_attention(q, k, v, indices, mask, BLOCK, check_indices=False)
+def ours(q, k, v, indices, selected):
+    return kernel.selection_attention(
+        q, k, v, indices, selected, block_size=BLOCK, check_indices=False
+    )
 
 
 def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def fla_inputs(q, k, v, indices, mask):
+def fla_inputs(q, k, v, indices, selected):
     """fla's layout: (b, t, h, d) tensors and (b, t, h, s) indices with -1 for no block."""
     from einops import rearrange
 
     q, k, v = (rearrange(t, "b h n d -> b n h d").contiguous() for t in (q, k, v))
-    blocks = rearrange(torch.where(mask, indices, -1), "b h n s -> b n h s").contiguous()
+    blocks = rearrange(torch.where(selected, indices, -1), "b h n s -> b n h s").contiguous()
     return q, k, v, blocks
 
 
@@ -110,28 +114,28 @@ def forward_and_backward(fn, inputs, grad_out):
 
 def check_against_pytorch(n: int = 1024) -> dict:
     """Kernel vs the PyTorch gathering path (float32 from the same bf16 inputs)."""
-    q, k, v, indices, mask, grad_out = make_inputs(n, seed=1)
+    q, k, v, indices, selected, grad_out = make_inputs(n, seed=1)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = ours(*leaves, indices, mask)
+    out = ours(*leaves, indices, selected)
     grads = torch.autograd.grad(out, leaves, grad_out)
     wide = [t.float().requires_grad_() for t in (q, k, v)]
-    expected = fine_attention_gathered(*wide, indices, mask, BLOCK, True)
+    expected = fine_attention_gathered(*wide, indices, selected, block_size=BLOCK, causal=True)
     expected_grads = torch.autograd.grad(expected, wide, grad_out.float())
     names = ["out", "dq", "dk", "dv"]
     pairs = zip([out, *grads], [expected, *expected_grads], strict=True)
     return dict(zip(names, [relative_error(a, b) for a, b in pairs], strict=True))
 
 
-def check_against_fla(q, k, v, indices, mask, grad_out, with_grads: bool) -> dict:
+def check_against_fla(q, k, v, indices, selected, grad_out, with_grads: bool) -> dict:
     """Our kernel vs fla on the same blocks: both bf16, so errors near 1e-2 are rounding."""
-    fq, fk, fv, blocks = fla_inputs(q, k, v, indices, mask)
+    fq, fk, fv, blocks = fla_inputs(q, k, v, indices, selected)
     if not with_grads:
         with torch.no_grad():
-            out, reference = ours(q, k, v, indices, mask), fla(fq, fk, fv, blocks)
+            out, reference = ours(q, k, v, indices, selected), fla(fq, fk, fv, blocks)
         return {"out": relative_error(out, reference.transpose(1, 2))}
     ours_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     fla_leaves = [t.clone().requires_grad_() for t in (fq, fk, fv)]
-    out = ours(*ours_leaves, indices, mask)
+    out = ours(*ours_leaves, indices, selected)
     reference = fla(*fla_leaves, blocks)
     ours_grads = torch.autograd.grad(out, ours_leaves, grad_out)
     fla_grads = torch.autograd.grad(reference, fla_leaves, grad_out.transpose(1, 2))
@@ -148,16 +152,16 @@ def flops(n: int) -> float:
 
 
 def benchmark(n: int) -> dict:
-    q, k, v, indices, mask, grad_out = make_inputs(n)
+    q, k, v, indices, selected, grad_out = make_inputs(n)
     row = {"seq_len": n}
-    row["ours_fwd_ms"] = time_ms(lambda: ours(q, k, v, indices, mask))
+    row["ours_fwd_ms"] = time_ms(lambda: ours(q, k, v, indices, selected))
     row["sdpa_fwd_ms"] = time_ms(lambda: sdpa(q, k, v))
-    fq, fk, fv, blocks = fla_inputs(q, k, v, indices, mask)
+    fq, fk, fv, blocks = fla_inputs(q, k, v, indices, selected)
     with torch.no_grad():
         row["fla_fwd_ms"] = time_ms(lambda: fla(fq, fk, fv, blocks))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     row["ours_fwd_bwd_ms"] = time_ms(
-        forward_and_backward(lambda *a: ours(*a, indices, mask), leaves, grad_out), leaves
+        forward_and_backward(lambda *a: ours(*a, indices, selected), leaves, grad_out), leaves
     )
     row["sdpa_fwd_bwd_ms"] = time_ms(forward_and_backward(sdpa, leaves, grad_out), leaves)
     fla_leaves = [t.clone().requires_grad_() for t in (fq, fk, fv)]
@@ -167,29 +171,31 @@ def benchmark(n: int) -> dict:
     )
     row["ours_fwd_tflops"] = flops(n) / row["ours_fwd_ms"] / 1e9
     row["agreement_with_fla"] = check_against_fla(
-        q, k, v, indices, mask, grad_out, with_grads=n == LENGTHS[0]
+        q, k, v, indices, selected, grad_out, with_grads=n == LENGTHS[0]
     )
     return row
 
 
 def passes(n: int) -> dict:
     """Each pass of our forward and backward at length n, as a callable to time."""
-    q, k, v, indices, mask, grad_out = make_inputs(n)
+    q, k, v, indices, selected, grad_out = make_inputs(n)
     scale = DIM**-0.5
     num_blocks = math.ceil(n / BLOCK)
 
-    mask_bytes = mask.view(torch.uint8)
+    mask_bytes = selected.view(torch.uint8)
     out, lse = kernel._forward(q, k, v, indices, mask_bytes, None, BLOCK, True, scale)
     _, _, delta = kernel._backward_dq(q, k, v, out, grad_out, lse, indices, mask_bytes, None,
                                       BLOCK, True, scale)
-    blocks = kernel.visible_blocks(indices, mask, BLOCK, True)
+    blocks = kernel.visible_blocks(indices, selected, block_size=BLOCK, causal=True)
     index = kernel.invert_selection(blocks, num_blocks)
     return {
         "forward_kernel": lambda: kernel._forward(q, k, v, indices, mask_bytes, None, BLOCK, True,
                                                   scale),
         "dq_kernel": lambda: kernel._backward_dq(q, k, v, out, grad_out, lse, indices, mask_bytes,
                                                  None, BLOCK, True, scale),
-        "read_blocks": lambda: kernel.visible_blocks(indices, mask, BLOCK, True),
+        "read_blocks": lambda: kernel.visible_blocks(
+            indices, selected, block_size=BLOCK, causal=True
+        ),
         "inverted_index": lambda: kernel.invert_selection(blocks, num_blocks),
         "dkv_kernel": lambda: kernel._backward_dkv(q, k, v, grad_out, lse, delta, blocks, None,
                                                    BLOCK, True, scale, index),
@@ -206,26 +212,23 @@ def sweep(n: int) -> dict:
     """Each kernel under other settings, and end to end head-centric: one program per
     query head, so a loaded block serves one head instead of the group's 16."""
     timers = passes(n)
-    chosen = {name: dict(settings) for name, settings in kernel.LAUNCH.items()}
-    chosen_rows = kernel.DKV_ROWS
+    chosen = dict(kernel.LAUNCH)
     results = {"forward_kernel": {}, "dq_kernel": {}, "dkv_kernel": {}}
     for warps, stages in TOKEN_VARIANTS:
         for kind in ("forward", "dq"):
-            kernel.LAUNCH[kind] = {"num_warps": warps, "num_stages": stages}
+            kernel.LAUNCH[kind] = kernel.Launch(num_warps=warps, num_stages=stages)
             ms = time_ms(timers[f"{kind}_kernel"])
             results[f"{kind}_kernel"][f"num_warps={warps} num_stages={stages}"] = ms
             print(f"  {kind:8s} warps {warps} stages {stages}: {ms:.2f} ms", flush=True)
     for warps, stages, rows in DKV_VARIANTS:
-        kernel.LAUNCH["dkv"] = {"num_warps": warps, "num_stages": stages}
-        kernel.DKV_ROWS = rows
+        kernel.LAUNCH["dkv"] = kernel.Launch(num_warps=warps, num_stages=stages, rows=rows)
         ms = time_ms(timers["dkv_kernel"])
         results["dkv_kernel"][f"num_warps={warps} num_stages={stages} rows={rows}"] = ms
         print(f"  dkv      warps {warps} stages {stages} rows {rows}: {ms:.2f} ms", flush=True)
     kernel.LAUNCH.update(chosen)
-    kernel.DKV_ROWS = chosen_rows
-    q, k, v, indices, mask, grad_out = make_inputs(n)
+    q, k, v, indices, selected, grad_out = make_inputs(n)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    per_head = [t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (indices, mask)]
+    per_head = [t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (indices, selected)]
     results["head_centric"] = {
         "fwd_ms": time_ms(lambda: ours(q, k, v, *per_head)),
         "fwd_bwd_ms": time_ms(
@@ -252,7 +255,7 @@ def main() -> None:
         "python": platform.python_version(),
         "shape": dict(batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, block=BLOCK,
                       selected=SELECTED, dtype=str(DTYPE)),
-        "launch": {"settings": kernel.LAUNCH, "dkv_rows": kernel.DKV_ROWS},
+        "launch": {name: dataclasses.asdict(s) for name, s in kernel.LAUNCH.items()},
         "timing": "triton.testing.do_bench median, warmup 50 ms, rep 300 ms",
     }
     report["check_against_pytorch_T1024"] = check_against_pytorch()

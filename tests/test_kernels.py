@@ -8,7 +8,7 @@ in float64 on the same (rounded) inputs.
 import pytest
 import torch
 
-from nsa_tutorial.selection import fine_attention_gathered
+from nsa_tutorial.fine_attention import fine_attention_gathered
 
 # nsa_tutorial.kernels decides on the interpreter before Triton is imported (macOS: skip)
 kernels = pytest.importorskip("nsa_tutorial.kernels.selection")
@@ -30,20 +30,20 @@ def random_problem(b, hk, group, n, d, block, s, shared, dtype, seed, drop=0.3):
     s = min(s, num_blocks)
     scores = torch.rand(b, heads, n, num_blocks, generator=g)
     indices = scores.topk(s, dim=-1).indices
-    mask = torch.rand(b, heads, n, s, generator=g) >= drop
+    selected = torch.rand(b, heads, n, s, generator=g) >= drop
     gates = 0.5 + torch.rand(b, heads, n, s, generator=g)
-    return [t.to(DEVICE) for t in (q, k, v, indices, mask, gates)]
+    return [t.to(DEVICE) for t in (q, k, v, indices, selected, gates)]
 
 
-def reference(q, k, v, indices, mask, block, causal, gates, scale=None):
+def reference(q, k, v, indices, selected, block, causal, gates, scale=None):
     """The PyTorch path in float64; a query that sees nothing gets zeros, as in the kernel."""
     out = fine_attention_gathered(
-        q.double(), k.double(), v.double(), indices, mask, block, causal,
-        None if gates is None else gates.double(), scale,
+        q.double(), k.double(), v.double(), indices, selected, block_size=block, causal=causal,
+        gates=None if gates is None else gates.double(), scale=scale,
     )
     if causal:
         return out
-    sees_something = mask.any(-1).repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
+    sees_something = selected.any(-1).repeat_interleave(q.shape[1] // selected.shape[1], dim=1)
     return torch.where(sees_something[..., None], out, 0.0)
 
 
@@ -68,15 +68,15 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"hk{c[0]}-g{c[1]}-n{c[2]}-d{c[3]}-l{c[4]}")
 def test_forward_and_gradients_match_pytorch(case, causal, gated):
     hk, group, n, d, block, s, shared = case
-    q, k, v, indices, mask, gates = random_problem(
+    q, k, v, indices, selected, gates = random_problem(
         2, hk, group, n, d, block, s, shared, torch.float32, seed=n * 7 + d
     )
     inputs = [t.requires_grad_() for t in (q, k, v)] + ([gates.requires_grad_()] if gated else [])
     gates = gates if gated else None
     out = selection_attention(
-        q, k, v, indices, mask, block, sel_scale=gates, include_block_causal=causal
+        q, k, v, indices, selected, block_size=block, causal=causal, gates=gates
     )
-    expected = reference(q, k, v, indices, mask, block, causal, gates)
+    expected = reference(q, k, v, indices, selected, block, causal, gates)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -90,15 +90,13 @@ def test_forward_and_gradients_match_pytorch(case, causal, gated):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
 def test_half_precision(dtype, causal):
-    q, k, v, indices, mask, gates = random_problem(
+    q, k, v, indices, selected, gates = random_problem(
         1, 2, 2, 45, 32, 16, 2, True, dtype, seed=3
     )
     inputs = [t.requires_grad_() for t in (q, k, v, gates)]
-    out = selection_attention(
-        q, k, v, indices, mask, 16, sel_scale=gates, include_block_causal=causal
-    )
+    out = selection_attention(q, k, v, indices, selected, block_size=16, causal=causal, gates=gates)
     assert out.dtype == dtype
-    expected = reference(q, k, v, indices, mask, 16, causal, gates)
+    expected = reference(q, k, v, indices, selected, 16, causal, gates)
     assert relative_error(out, expected) < TOLERANCE[dtype]
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -110,10 +108,10 @@ def test_half_precision(dtype, causal):
 
 @pytest.mark.parametrize("d", [64, 256])
 def test_wide_heads(d):
-    q, k, v, indices, mask, gates = random_problem(1, 1, 2, 20, d, 8, 2, True, torch.float32, 5)
+    q, k, v, indices, selected, gates = random_problem(1, 1, 2, 20, d, 8, 2, True, torch.float32, 5)
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    out = selection_attention(q, k, v, indices, mask, 8, scale=0.3)
-    expected = reference(q, k, v, indices, mask, 8, True, None, scale=0.3)
+    out = selection_attention(q, k, v, indices, selected, block_size=8, scale=0.3)
+    expected = reference(q, k, v, indices, selected, 8, True, None, scale=0.3)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.sum(), inputs)
     for actual, wanted in zip(grads, torch.autograd.grad(expected.sum(), inputs), strict=True):
@@ -124,23 +122,25 @@ def test_every_slot_dropped():
     """Causal: each query still sees its own block. Not causal: it sees nothing, gets 0,
     and passes no gradient."""
     q, k, v, indices, _, _ = random_problem(1, 1, 2, 24, 16, 8, 2, True, torch.float32, 9)
-    mask = torch.zeros_like(indices, dtype=torch.bool)
+    selected = torch.zeros_like(indices, dtype=torch.bool)
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    out = selection_attention(q, k, v, indices, mask, 8)
-    expected = reference(q, k, v, indices, mask, 8, True, None)
+    out = selection_attention(q, k, v, indices, selected, block_size=8)
+    expected = reference(q, k, v, indices, selected, 8, True, None)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
-    out = selection_attention(q, k, v, indices, mask, 8, include_block_causal=False)
+    out = selection_attention(q, k, v, indices, selected, block_size=8, causal=False)
     assert torch.equal(out, torch.zeros_like(out))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), inputs))
 
 
 def test_int32_indices_and_a_block_selected_twice():
     """int32 indices work; a block listed in two slots counts twice, as in the PyTorch path."""
-    q, k, v, indices, mask, gates = random_problem(1, 1, 2, 40, 16, 8, 3, True, torch.float32, 11)
+    q, k, v, indices, selected, gates = random_problem(
+        1, 1, 2, 40, 16, 8, 3, True, torch.float32, 11
+    )
     indices[..., 1] = indices[..., 0]
     inputs = [t.requires_grad_() for t in (q, k, v, gates)]
-    out = selection_attention(q, k, v, indices.int(), mask, 8, sel_scale=gates)
-    expected = reference(q, k, v, indices, mask, 8, True, gates)
+    out = selection_attention(q, k, v, indices.int(), selected, block_size=8, gates=gates)
+    expected = reference(q, k, v, indices, selected, 8, True, gates)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(out.sum(), inputs)
     expected_grads = torch.autograd.grad(expected.sum(), inputs)
@@ -148,12 +148,13 @@ def test_int32_indices_and_a_block_selected_twice():
         torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
 
 
-def test_visible_blocks_drops_masked_and_non_past_blocks():
+def test_visible_blocks_drops_unselected_and_non_past_blocks():
     indices = torch.tensor([[[[0, 1], [0, 1], [1, 0], [2, 1], [2, 0]]]])  # (1, 1, 5, 2)
-    mask = torch.tensor([[[[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]]]], dtype=torch.bool)
-    causal = visible_blocks(indices, mask, 2, True)  # own blocks: 0, 0, 1, 1, 2
+    selected = torch.tensor([[[[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]]]], dtype=torch.bool)
+    # own blocks: 0, 0, 1, 1, 2
+    causal = visible_blocks(indices, selected, block_size=2, causal=True)
     assert causal.tolist() == [[[[-1, -1], [-1, -1], [-1, 0], [-1, -1], [-1, 0]]]]
-    free = visible_blocks(indices, mask, 2, False)
+    free = visible_blocks(indices, selected, block_size=2, causal=False)
     assert free.tolist() == [[[[0, 1], [0, -1], [1, 0], [2, 1], [-1, 0]]]]
     assert causal.dtype == torch.int32
 
@@ -215,13 +216,13 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
         ({"q": torch.randn(1, 4, 10, 16).double()}, TypeError, "q must be float32"),
         ({"q": torch.randn(1, 3, 10, 16)}, ValueError, "multiple of the kv heads"),
         ({"block_size": 0}, ValueError, "block_size must be a positive int"),
-        ({"block_indices": torch.zeros(1, 3, 10, 2, dtype=torch.long)}, ValueError,
-         "block_indices must be"),
-        ({"block_indices": torch.zeros(1, 2, 10, 2)}, TypeError, "block_indices must be int64"),
-        ({"block_mask": torch.ones(1, 2, 10, 2)}, ValueError, "block_mask must be a bool"),
-        ({"sel_scale": torch.ones(1, 2, 10, 3)}, ValueError, "sel_scale must be"),
-        ({"block_indices": torch.full((1, 2, 10, 2), 3)}, ValueError,
-         r"must lie in \[0, 3\) .* got 3"),
+        ({"indices": torch.zeros(1, 3, 10, 2, dtype=torch.long)}, ValueError, "indices must be"),
+        ({"indices": torch.zeros(1, 2, 10, 2)}, TypeError, "indices must be int64"),
+        ({"selected": torch.ones(1, 2, 10, 2)}, ValueError,
+         r"selected must be a bool tensor of indices' shape \(1, 2, 10, 2\)"),
+        ({"gates": torch.ones(1, 2, 10, 3)}, ValueError, "gates must be a float tensor"),
+        ({"indices": torch.full((1, 2, 10, 2), 3)}, ValueError,
+         r"selected indices must lie in \[0, 3\) .* got 3"),
     ],
 )
 def test_bad_input_is_named(change, error, message):
@@ -229,24 +230,23 @@ def test_bad_input_is_named(change, error, message):
         "q": torch.randn(1, 4, 10, 16),
         "k": torch.randn(1, 2, 10, 16),
         "v": torch.randn(1, 2, 10, 16),
-        "block_indices": torch.zeros(1, 2, 10, 2, dtype=torch.long),
-        "block_mask": torch.ones(1, 2, 10, 2, dtype=torch.bool),
+        "indices": torch.zeros(1, 2, 10, 2, dtype=torch.long),
+        "selected": torch.ones(1, 2, 10, 2, dtype=torch.bool),
         "block_size": 4,
-        "sel_scale": None,
+        "gates": None,
     }
     args.update(change)
     if "k" in change:
         args["v"] = args["k"]
-    kw = {"sel_scale": args.pop("sel_scale")}
     with pytest.raises(error, match=message):
-        selection_attention(*args.values(), **kw)
+        selection_attention(**args)
 
 
 def test_head_dim_bounds():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="between 16 and 256, got d=8"):
         selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
-                            torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+                            torch.ones(1, 1, 4, 1, dtype=torch.bool), block_size=4)
 
 
 def test_exported_from_kernels():
@@ -262,7 +262,7 @@ def test_cpu_tensors_with_a_compiling_triton(monkeypatch):
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="move the tensors to the GPU"):
         selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
-                            torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+                            torch.ones(1, 1, 4, 1, dtype=torch.bool), block_size=4)
 
 
 TRITON_FIRST = """
@@ -272,7 +272,7 @@ from nsa_tutorial.kernels import selection_attention
 q = torch.randn(1, 1, 4, 16)
 try:
     selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),
-                        torch.ones(1, 1, 4, 1, dtype=torch.bool), 4)
+                        torch.ones(1, 1, 4, 1, dtype=torch.bool), block_size=4)
 except RuntimeError as error:
     print(error)
 """

@@ -1,4 +1,4 @@
-"""Stages 08-09: the selection branch as Triton kernels (paper §3.3.3, Fig. 3).
+"""Stages 08-09: the selection branch as Triton kernels (paper §3.4, Kernel Design, Fig. 3).
 
 Forward: one program per (token, kv head) holds the G query heads of that GQA group
 and walks the token's selected key/value blocks, so each block is read once for all G
@@ -10,14 +10,20 @@ Backward, three steps (notebook 09):
 - dk, dv: one program per key block gathers the queries of its index in tiles of
   rows (token, head) and accumulates; heavy early blocks are launched first.
 
-The semantics are `fine_attention_gathered` of `nsa_tutorial.selection`, except that
-a query that sees no key at all (possible only without the block-causal diagonal)
+The forward and dq kernels share their start (`_group_program`, `_read_slots`) and
+every kernel loads its key/value blocks through `_key_block`, the way Triton's
+fused-attention tutorial shares one inner helper between its stages.
+
+The semantics are `fine_attention_gathered` of `nsa_tutorial.fine_attention`, except
+that a query that sees no key at all (possible only without the block-causal diagonal)
 gets zeros.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import triton
@@ -27,15 +33,33 @@ from torch import Tensor
 
 from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
 
-LOG2_E = 1.4426950408889634
+LOG2_E = math.log2(math.e)  # the kernels use exp2: logits are scaled by scale * LOG2_E
 NO_BLOCK = -1  # a slot of `blocks` that attends nothing
-# Tiles and launch settings chosen on an H200 (benchmarks/selection_kernel_gpu.py, notebook 09):
-DKV_ROWS = 64  # rows (token, head) per tile of the dk/dv kernel
-LAUNCH = {  # warps and software-pipelining depth per kernel
-    "forward": {"num_warps": 2, "num_stages": 2},
-    "dq": {"num_warps": 2, "num_stages": 2},
-    "dkv": {"num_warps": 4, "num_stages": 2},
+Kernel = Literal["forward", "dq", "dkv"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched: warps per program and software-pipelining depth
+    (num_stages=2: the next key block loads while this one is computed)."""
+
+    num_warps: int
+    num_stages: int
+    rows: int = 0  # dk, dv kernel only: rows (token, head) per tile of queries
+
+
+# Chosen on an H200 (benchmarks/selection_kernel_gpu.py --sweep; notebook 09 plots it).
+LAUNCH: dict[Kernel, Launch] = {
+    "forward": Launch(num_warps=2, num_stages=2),
+    "dq": Launch(num_warps=2, num_stages=2),
+    "dkv": Launch(num_warps=4, num_stages=2, rows=64),
 }
+
+
+def launch_settings(kernel: Kernel, dim: int) -> Launch:
+    """`kernel`'s settings from LAUNCH for heads `dim` wide: heads over 128 wide get one
+    stage, so that their blocks fit in shared memory."""
+    return replace(LAUNCH[kernel], num_stages=1) if dim > 128 else LAUNCH[kernel]
 
 
 @triton.jit
@@ -49,18 +73,39 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load_block(base, stride_n, keys, key_ok, dims, dim_ok):
-    """Rows `keys` (BLOCK_K,) of a (n, d) matrix at `base` -> (BLOCK_K, BLOCK_D)."""
-    ptrs = base + keys[:, None].to(tl.int64) * stride_n + dims[None, :]
-    return tl.load(ptrs, mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+def _group_program(
+    K, V, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, n, num_kv_heads,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Where program (token t, batch b * kv head h) of the forward and dq kernels works:
+    the G query heads h*G .. h*G+G-1 of the group as the rows of one tile (Fig. 3).
+
+    Returns t and bh; the tile's offsets (BLOCK_G, BLOCK_D) in a (b, hq, n, d) tensor
+    (q, out, dO, dq) and which of them are real; each row's offset (BLOCK_G,) in a
+    (b, hq, n) tensor (lse, delta) and which rows are heads; the group's key and value
+    head.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // num_kv_heads, bh % num_kv_heads
+    heads = h * G + tl.arange(0, BLOCK_G)
+    head_ok = tl.arange(0, BLOCK_G) < G
+    dims = tl.arange(0, BLOCK_D)
+    tile = b * stride_qb + heads[:, None] * stride_qh + t * stride_qn + dims[None, :]
+    tile_ok = head_ok[:, None] & (dims < D)[None, :]
+    rows = (b * num_kv_heads * G + heads) * n + t
+    kv_head = b * stride_kb + h * stride_kh
+    return t, bh, tile, tile_ok, rows, head_ok, K + kv_head, V + kv_head
 
 
 @triton.jit
-def _read_slots(INDICES, MASK, first, t, num_slots, block_size, S_PAD: tl.constexpr,
+def _read_slots(INDICES, MASK, bh, t, n, num_slots, block_size, S_PAD: tl.constexpr,
                 CAUSAL: tl.constexpr):
-    """A token's slots as vectors (S_PAD,): block index, whether it is read, and its rank
-    among the read ones. The loop then visits only read slots, with no branch that would
-    stop Triton from loading the next block while it works on this one."""
+    """Token t's slots: the offset `first` of the first in INDICES, MASK (and the gates),
+    then as vectors (S_PAD,): slot, block index, whether it is read, and its rank among
+    the read ones. The loop then visits only read slots, with no branch that would stop
+    Triton from loading the next block while it works on this one."""
+    first = (bh * n + t) * num_slots
     slot = tl.arange(0, S_PAD)
     exists = slot < num_slots
     blocks = tl.load(INDICES + first + slot, mask=exists, other=0).to(tl.int32)
@@ -68,7 +113,7 @@ def _read_slots(INDICES, MASK, first, t, num_slots, block_size, S_PAD: tl.conste
     if CAUSAL:  # the diagonal covers the own block; later blocks are the future
         read = read & (blocks < t // block_size)
     rank = tl.cumsum(read.to(tl.int32), 0) - 1
-    return slot, blocks, read, rank
+    return first, slot, blocks, read, rank
 
 
 @triton.jit
@@ -79,13 +124,31 @@ def _pick_slot(slot_ids, slot_blocks, read, rank, i):
 
 
 @triton.jit
-def _softmax_step(q, k, v, key_ok, logit_scale, m, total, acc, PRECISION: tl.constexpr):
+def _key_block(K_HEAD, V_HEAD, stride_kn, block, end, block_size, D: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys and values of block `block` at positions before `end`: k, v (BLOCK_K, BLOCK_D)
+    and key_ok (BLOCK_K,). A selected block ends at n (the last one may be partial); the
+    block-causal diagonal, the token's own block, ends at the token: end = t + 1."""
+    in_block = tl.arange(0, BLOCK_K)
+    keys = block * block_size + in_block
+    key_ok = (in_block < block_size) & (keys < end)
+    dims = tl.arange(0, BLOCK_D)
+    offsets = keys[:, None].to(tl.int64) * stride_kn + dims[None, :]
+    ok = key_ok[:, None] & (dims < D)[None, :]
+    k = tl.load(K_HEAD + offsets, mask=ok, other=0.0)
+    v = tl.load(V_HEAD + offsets, mask=ok, other=0.0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _softmax_step(q, k, v, key_ok, log2_scale, m, total, acc, PRECISION: tl.constexpr):
     """One key block of an online softmax: rows q (R, D) against k, v (BLOCK_K, D).
 
-    Logits are in log2 units (logit_scale holds log2 e); m is the running max, total the
-    running sum and acc the running numerator; rows that saw nothing keep m = -inf.
+    Logits are in log2 units (log2_scale = scale * log2 e, times the gate); m is the
+    running max, total the running sum and acc the running numerator; rows that saw
+    nothing keep m = -inf.
     """
-    s = _dot(q, tl.trans(k), PRECISION) * logit_scale  # (R, BLOCK_K)
+    s = _dot(q, tl.trans(k), PRECISION) * log2_scale  # (R, BLOCK_K)
     s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -101,62 +164,50 @@ def _forward_kernel(
     Q, K, V, INDICES, MASK, GATES, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    n, num_kv_heads, num_slots, block_size, qk_scale,
+    n, num_kv_heads, num_slots, block_size, log2_scale,
     G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (token t, batch b * kv head h): out and log2-sum-exp of heads h*G .. h*G+G-1."""
-    t = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // num_kv_heads, bh % num_kv_heads
-    heads = h * G + tl.arange(0, BLOCK_G)
-    head_ok = tl.arange(0, BLOCK_G) < G
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    q_ptrs = b * stride_qb + heads[:, None] * stride_qh + t * stride_qn + dims[None, :]
-    q = tl.load(Q + q_ptrs, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # (G, D)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_kb + h * stride_kh
-    in_block = tl.arange(0, BLOCK_K)
+    t, bh, tile, tile_ok, rows, head_ok, K_HEAD, V_HEAD = _group_program(
+        K, V, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, n, num_kv_heads,
+        G, D, BLOCK_G, BLOCK_D,
+    )
+    q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (G, D)
+    first, slot_ids, slot_blocks, read, rank = _read_slots(
+        INDICES, MASK, bh, t, n, num_slots, block_size, S_PAD, CAUSAL
+    )
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    slots = (bh * n + t) * num_slots
-    slot_ids, slot_blocks, read, rank = _read_slots(INDICES, MASK, slots, t, num_slots,
-                                                    block_size, S_PAD, CAUSAL)
     for i in range(tl.sum(read.to(tl.int32), 0)):
         block, slot = _pick_slot(slot_ids, slot_blocks, read, rank, i)
-        keys = block * block_size + in_block
-        key_ok = (in_block < block_size) & (keys < n)
-        k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
-        v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
-        scale = qk_scale
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, block, n, block_size,
+                                  D, BLOCK_K, BLOCK_D)
+        scale = log2_scale
         if HAS_GATES:
-            scale = qk_scale * tl.load(GATES + slots + slot).to(tl.float32)
+            scale = log2_scale * tl.load(GATES + first + slot).to(tl.float32)
         m, total, acc = _softmax_step(q, k, v, key_ok, scale, m, total, acc, PRECISION)
     if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
-        keys = t // block_size * block_size + in_block
-        key_ok = (in_block < block_size) & (keys <= t)
-        k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
-        v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
-        m, total, acc = _softmax_step(q, k, v, key_ok, qk_scale, m, total, acc, PRECISION)
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
+                                  D, BLOCK_K, BLOCK_D)
+        m, total, acc = _softmax_step(q, k, v, key_ok, log2_scale, m, total, acc, PRECISION)
 
     seen = total > 0
     out = acc / tl.where(seen, total, 1.0)[:, None]
     lse = tl.where(seen, m + tl.log2(tl.where(seen, total, 1.0)), float("inf"))
-    tl.store(OUT + q_ptrs, out.to(OUT.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
-    lse_ptrs = LSE + (b * num_kv_heads * G + heads) * n + t
-    tl.store(lse_ptrs, lse, mask=head_ok)
+    tl.store(OUT + tile, out.to(OUT.dtype.element_ty), mask=tile_ok)
+    tl.store(LSE + rows, lse, mask=head_ok)
 
 
 @triton.jit
-def _gradient_step(q, do, lse, delta, k, v, key_ok, logit_scale, PRECISION: tl.constexpr):
+def _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale, PRECISION: tl.constexpr):
     """Rows (R, D) against one key block: dL/dlogit ds (R, BLOCK_K) and the raw dot
     products qk (the gates' gradient needs them)."""
     qk = _dot(q, tl.trans(k), PRECISION)
-    p = tl.exp2(qk * logit_scale - lse[:, None])
+    p = tl.exp2(qk * log2_scale - lse[:, None])
     p = tl.where(key_ok[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
@@ -168,7 +219,7 @@ def _backward_dq_kernel(
     Q, K, V, OUT, DO, LSE, INDICES, MASK, GATES, DQ, DGATES, DELTA,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    n, num_kv_heads, num_slots, block_size, sm_scale,
+    n, num_kv_heads, num_slots, block_size, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -176,52 +227,38 @@ def _backward_dq_kernel(
     """Program (token t, batch b * kv head h): dq of the group's heads and, with gates,
     d gate for each of the token's slots (summed over the group's heads); also stores
     delta = rowsum(dO * O) for the dk, dv kernel."""
-    t = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // num_kv_heads, bh % num_kv_heads
-    heads = h * G + tl.arange(0, BLOCK_G)
-    head_ok = tl.arange(0, BLOCK_G) < G
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    rows_ok = head_ok[:, None] & dim_ok[None, :]
-    q_ptrs = b * stride_qb + heads[:, None] * stride_qh + t * stride_qn + dims[None, :]
-    q = tl.load(Q + q_ptrs, mask=rows_ok, other=0.0)
-    do = tl.load(DO + q_ptrs, mask=rows_ok, other=0.0)
-    out = tl.load(OUT + q_ptrs, mask=rows_ok, other=0.0)
+    t, bh, tile, tile_ok, rows, head_ok, K_HEAD, V_HEAD = _group_program(
+        K, V, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, n, num_kv_heads,
+        G, D, BLOCK_G, BLOCK_D,
+    )
+    q = tl.load(Q + tile, mask=tile_ok, other=0.0)
+    do = tl.load(DO + tile, mask=tile_ok, other=0.0)
+    out = tl.load(OUT + tile, mask=tile_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)  # softmax backward's rowsum(dO * O)
-    row_ptrs = (b * num_kv_heads * G + heads) * n + t
-    tl.store(DELTA + row_ptrs, delta, mask=head_ok)  # for the dk, dv kernel
-    lse = tl.load(LSE + row_ptrs, mask=head_ok, other=float("inf"))
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_kb + h * stride_kh
-    in_block = tl.arange(0, BLOCK_K)
-    log2_scale = sm_scale * 1.4426950408889634
+    tl.store(DELTA + rows, delta, mask=head_ok)  # for the dk, dv kernel
+    lse = tl.load(LSE + rows, mask=head_ok, other=float("inf"))
+    first, slot_ids, slot_blocks, read, rank = _read_slots(
+        INDICES, MASK, bh, t, n, num_slots, block_size, S_PAD, CAUSAL
+    )
 
     dq = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    slots = (bh * n + t) * num_slots
-    slot_ids, slot_blocks, read, rank = _read_slots(INDICES, MASK, slots, t, num_slots,
-                                                    block_size, S_PAD, CAUSAL)
     for i in range(tl.sum(read.to(tl.int32), 0)):  # a slot not read keeps gate gradient 0
         block, slot = _pick_slot(slot_ids, slot_blocks, read, rank, i)
-        keys = block * block_size + in_block
-        key_ok = (in_block < block_size) & (keys < n)
-        k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
-        v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, block, n, block_size,
+                                  D, BLOCK_K, BLOCK_D)
         gate = 1.0
         if HAS_GATES:
-            gate = tl.load(GATES + slots + slot).to(tl.float32)
+            gate = tl.load(GATES + first + slot).to(tl.float32)
         ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale * gate, PRECISION)
         dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
         if HAS_GATES:
-            tl.store(DGATES + slots + slot, tl.sum(tl.sum(ds * qk, 1), 0) * sm_scale)
-    if CAUSAL:
-        keys = t // block_size * block_size + in_block
-        key_ok = (in_block < block_size) & (keys <= t)
-        k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
-        v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
+            tl.store(DGATES + first + slot, tl.sum(tl.sum(ds * qk, 1), 0) * sm_scale)
+    if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
+                                  D, BLOCK_K, BLOCK_D)
         ds, _ = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale, PRECISION)
         dq += _dot(ds.to(k.dtype), k, PRECISION)
-    tl.store(DQ + q_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_ok)
+    tl.store(DQ + tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
@@ -256,7 +293,7 @@ def _backward_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, ENTRIES, OFFSETS, GATES, DK, DV,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
-    n, num_kv_heads, num_slots, num_blocks, block_size, sm_scale,
+    n, num_kv_heads, num_slots, num_blocks, block_size, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
     HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -267,18 +304,14 @@ def _backward_dkv_kernel(
     num_bh = tl.num_programs(0).to(tl.int64) // num_blocks
     j, bh = pid // num_bh, pid % num_bh
     b, h = bh // num_kv_heads, bh % num_kv_heads
-    in_block = tl.arange(0, BLOCK_K)
-    keys = j * block_size + in_block
-    key_ok = (in_block < block_size) & (keys < n)
+    kv_head = b * stride_kb + h * stride_kh
+    k, v, key_ok = _key_block(K + kv_head, V + kv_head, stride_kn, j, n, block_size,
+                              D, BLOCK_K, BLOCK_D)
+    keys = j * block_size + tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_kb + h * stride_kh
-    k = _load_block(k_base, stride_kn, keys, key_ok, dims, dim_ok)
-    v = _load_block(v_base, stride_kn, keys, key_ok, dims, dim_ok)
     dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    log2_scale = sm_scale * 1.4426950408889634
 
     row = tl.arange(0, ROWS)
     group_head = row % BLOCK_G
@@ -313,26 +346,24 @@ def _backward_dkv_kernel(
             dk, dv = _accumulate_dkv(q, do, lse, delta, gate, k, v, visible, dk, dv, log2_scale,
                                      PRECISION)
 
-    out = (keys[:, None].to(tl.int64) * stride_kn + dims[None, :]) + b * stride_kb + h * stride_kh
+    out = kv_head + keys[:, None].to(tl.int64) * stride_kn + dims[None, :]
     store_ok = key_ok[:, None] & dim_ok[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=store_ok)
 
 
-def visible_blocks(
-    block_indices: Tensor, block_mask: Tensor, block_size: int, include_block_causal: bool
-) -> Tensor:
+def visible_blocks(indices: Tensor, selected: Tensor, *, block_size: int, causal: bool) -> Tensor:
     """The blocks each query reads, (b, h, n, s) int32, NO_BLOCK where it reads none.
 
-    A slot is dropped where block_mask is False and, with the block-causal diagonal,
-    where the block is not strictly before the query's own block (the diagonal
+    A slot is dropped where `selected` is False and, with the block-causal diagonal
+    (causal), where the block is not strictly before the query's own (the diagonal
     covers the own block; later blocks are the future).
     """
-    keep = block_mask
-    if include_block_causal:
-        own = torch.arange(block_indices.shape[-2], device=block_indices.device) // block_size
-        keep = keep & (block_indices < own[:, None])
-    return torch.where(keep, block_indices, NO_BLOCK).to(torch.int32)
+    keep = selected
+    if causal:
+        own = torch.arange(indices.shape[-2], device=indices.device) // block_size
+        keep = keep & (indices < own[:, None])
+    return torch.where(keep, indices, NO_BLOCK).to(torch.int32)
 
 
 def invert_selection(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
@@ -376,20 +407,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "upcast" if dtype == torch.bfloat16 and triton_mode() == "interpreter" else "tf32"
 
 
-def _launch_settings(kind: str, dim: int) -> dict[str, int]:
-    """num_warps and num_stages of a kernel; heads over 128 wide get one stage (shared memory)."""
-    settings = dict(LAUNCH[kind])
-    if dim > 128:
-        settings["num_stages"] = 1
-    return settings
-
-
 def _forward(q, k, v, indices, mask, gates, block_size, causal, scale):
     """out (b, hq, n, d) and each row's log-sum-exp (b, hq, n), in log2 units, for backward."""
     b, hq, n, d = q.shape
     hk = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+    launch = launch_settings("forward", d)
     _forward_kernel[(n, b * hk)](
         q, k, v, indices, mask, q if gates is None else gates, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -397,7 +421,7 @@ def _forward(q, k, v, indices, mask, gates, block_size, causal, scale):
         n, hk, indices.shape[-1], block_size, scale * LOG2_E,
         G=hq // hk, D=d, S_PAD=_slots_padded(indices), **_tile_sizes(block_size, hq // hk, d),
         HAS_GATES=gates is not None, CAUSAL=causal, PRECISION=_precision(q.dtype),
-        **_launch_settings("forward", d),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out, lse
 
@@ -409,15 +433,16 @@ def _backward_dq(q, k, v, out, do, lse, indices, mask, gates, block_size, causal
     dq = torch.empty_like(q)
     dgates = None if gates is None else torch.zeros_like(gates, dtype=torch.float32)
     delta = torch.empty_like(lse)
+    launch = launch_settings("dq", d)
     _backward_dq_kernel[(n, b * hk)](
         q, k, v, out, do, lse, indices, mask, q if gates is None else gates, dq,
         q if dgates is None else dgates, delta,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        n, hk, indices.shape[-1], block_size, scale,
+        n, hk, indices.shape[-1], block_size, scale, scale * LOG2_E,
         G=hq // hk, D=d, S_PAD=_slots_padded(indices), **_tile_sizes(block_size, hq // hk, d),
         HAS_GATES=gates is not None, CAUSAL=causal, PRECISION=_precision(q.dtype),
-        **_launch_settings("dq", d),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, dgates, delta
 
@@ -430,14 +455,15 @@ def _backward_dkv(q, k, v, do, lse, delta, blocks, gates, block_size, causal, sc
     num_blocks = math.ceil(n / block_size)
     entries, offsets = index
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    launch = launch_settings("dkv", d)
     _backward_dkv_kernel[(num_blocks * b * hk,)](
         q, k, v, do, lse, delta, entries, offsets, q if gates is None else gates, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        n, hk, blocks.shape[-1], num_blocks, block_size, scale,
-        G=hq // hk, D=d, ROWS=max(DKV_ROWS, tiles["BLOCK_G"]), **tiles,
+        n, hk, blocks.shape[-1], num_blocks, block_size, scale, scale * LOG2_E,
+        G=hq // hk, D=d, ROWS=max(launch.rows, tiles["BLOCK_G"]), **tiles,
         HAS_GATES=gates is not None, CAUSAL=causal, PRECISION=_precision(q.dtype),
-        **_launch_settings("dkv", d),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dk, dv
 
@@ -447,7 +473,7 @@ def _backward(do, q, k, v, out, lse, indices, mask, gates, block_size, causal, s
     dq, dgates, delta = _backward_dq(
         q, k, v, out, do, lse, indices, mask, gates, block_size, causal, scale
     )
-    blocks = visible_blocks(indices, mask.view(torch.bool), block_size, causal)
+    blocks = visible_blocks(indices, mask.view(torch.bool), block_size=block_size, causal=causal)
     index = invert_selection(blocks, math.ceil(q.shape[-2] / block_size))
     dk, dv = _backward_dkv(
         q, k, v, do, lse, delta, blocks, gates, block_size, causal, scale, index
@@ -456,7 +482,8 @@ def _backward(do, q, k, v, out, lse, indices, mask, gates, block_size, causal, s
 
 
 class SelectionAttention(torch.autograd.Function):
-    """The Triton forward and backward as one autograd step; mask is block_mask as uint8."""
+    """The Triton forward and backward as one autograd step. `mask` is `selected` viewed
+    as uint8 (the kernels load bytes; a bool tensor cannot be passed to Triton as is)."""
 
     @staticmethod
     def forward(ctx, q, k, v, indices, mask, gates, block_size, causal, scale):
@@ -475,44 +502,41 @@ class SelectionAttention(torch.autograd.Function):
 
 
 def selection_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    block_indices: Tensor,
-    block_mask: Tensor,
-    block_size: int,
-    *,
-    sel_scale: Tensor | None = None,
-    include_block_causal: bool = True,
-    scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, selected: Tensor, *, block_size: int,
+    causal: bool = True, gates: Tensor | None = None, scale: float | None = None,
     check_indices: bool = True,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """Selected-block attention in Triton: q (b, hq, n, d), k and v (b, hk, n, d) -> (b, hq, n, d).
 
-    block_indices (long) and block_mask (bool), (b, hk, n, s) for selection shared by a
-    GQA group or (b, hq, n, s) for one selection per query head: query t attends to the
-    keys of its selected blocks (where block_mask) and, with include_block_causal, to
-    its own block up to itself (then only blocks before its own count). sel_scale, of
-    the same shape, multiplies the logits of each selected block (the diff-topk gates).
-    Differentiable in q, k, v and sel_scale. A query that sees no key gets zeros.
-    check_indices=False skips the range check of the selected indices, which waits for
-    the GPU (top-k indices are in range by construction).
+    Query t attends to the keys of its selected blocks and, when causal, to its own block
+    up to itself. Differentiable in q, k, v and gates. A query that sees no key gets zeros.
+
+    Args:
+        indices: (b, hk, n, s), one selection shared by each GQA group, or (b, hq, n, s),
+            one per query head; int64 (or int32) block numbers.
+        selected: bool, indices' shape: whether each slot is read.
+        block_size: keys per block (the paper's l').
+        causal: add the block-causal diagonal, the own block up to the query itself; then
+            only selected blocks before the own one count.
+        gates: float, indices' shape: multiplies the logits of each selected block (the
+            diff-topk gates).
+        scale: the softmax scale, d ** -0.5 by default.
+        check_indices: False skips the range check of the selected indices, which waits
+            for the GPU (top-k indices are in range by construction).
     """
-    _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, check_indices)
+    _check_inputs(q, k, v, indices, selected, block_size, gates, check_indices)
     require_runnable_kernels()
-    hq, hk, selection_heads = q.shape[1], k.shape[1], block_indices.shape[1]
+    hq, hk, selection_heads = q.shape[1], k.shape[1], indices.shape[1]
     if selection_heads != hk:  # one selection per query head: each head is its own group
         k, v = (repeat(t, "b h n d -> b (h g) n d", g=hq // hk) for t in (k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t.contiguous() for t in (q, k, v))
-    indices, mask = block_indices.contiguous(), block_mask.contiguous().view(torch.uint8)
-    gates = None if sel_scale is None else sel_scale.contiguous()
-    return SelectionAttention.apply(
-        q, k, v, indices, mask, gates, block_size, include_block_causal, scale
-    )
+    indices, mask = indices.contiguous(), selected.contiguous().view(torch.uint8)
+    gates = None if gates is None else gates.contiguous()
+    return SelectionAttention.apply(q, k, v, indices, mask, gates, block_size, causal, scale)
 
 
-def _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, check_indices):
+def _check_inputs(q, k, v, indices, selected, block_size, gates, check_indices):
     """Clear errors for every rule the kernels rely on."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -535,31 +559,29 @@ def _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, che
         raise ValueError(f"the head dimension must be between 16 and 256, got d={d}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
-    if block_indices.dim() != 4 or block_indices.shape[1] not in (k.shape[1], hq) or (
-        block_indices.shape[0], block_indices.shape[2]) != (b, n):
+    if indices.dim() != 4 or indices.shape[1] not in (k.shape[1], hq) or (
+        indices.shape[0], indices.shape[2]) != (b, n):
         raise ValueError(
-            f"block_indices must be (b, hk, n, s) or (b, hq, n, s) = ({b}, {k.shape[1]} or "
-            f"{hq}, {n}, s), got {tuple(block_indices.shape)}"
+            f"indices must be (b, hk, n, s) or (b, hq, n, s) = ({b}, {k.shape[1]} or "
+            f"{hq}, {n}, s), got {tuple(indices.shape)}"
         )
-    if block_indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"block_indices must be int64 (or int32), got {block_indices.dtype}")
-    if block_mask.shape != block_indices.shape or block_mask.dtype != torch.bool:
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
+    if selected.shape != indices.shape or selected.dtype != torch.bool:
         raise ValueError(
-            f"block_mask must be a bool tensor of block_indices' shape "
-            f"{tuple(block_indices.shape)}, got {block_mask.dtype} {tuple(block_mask.shape)}"
+            f"selected must be a bool tensor of indices' shape {tuple(indices.shape)}, "
+            f"got {selected.dtype} {tuple(selected.shape)}"
         )
-    if sel_scale is not None and (
-        sel_scale.shape != block_indices.shape or not sel_scale.is_floating_point()
-    ):
+    if gates is not None and (gates.shape != indices.shape or not gates.is_floating_point()):
         raise ValueError(
-            f"sel_scale must be a float tensor of block_indices' shape "
-            f"{tuple(block_indices.shape)}, got {sel_scale.dtype} {tuple(sel_scale.shape)}"
+            f"gates must be a float tensor of indices' shape {tuple(indices.shape)}, "
+            f"got {gates.dtype} {tuple(gates.shape)}"
         )
-    devices = {t.device for t in (q, k, v, block_indices, block_mask)}
-    if len(devices) > 1 or (sel_scale is not None and sel_scale.device not in devices):
+    devices = {t.device for t in (q, k, v, indices, selected)}
+    if len(devices) > 1 or (gates is not None and gates.device not in devices):
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if check_indices:
-        _check_index_range(block_indices, block_mask, n, block_size)
+        _check_index_range(indices, selected, n, block_size)
     if triton_mode() == "compiled" and q.device.type != "cuda":
         raise ValueError(
             f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
@@ -567,12 +589,12 @@ def _check_inputs(q, k, v, block_indices, block_mask, block_size, sel_scale, che
         )
 
 
-def _check_index_range(block_indices: Tensor, block_mask: Tensor, n: int, block_size: int) -> None:
+def _check_index_range(indices: Tensor, selected: Tensor, n: int, block_size: int) -> None:
     """Every selected index names a block of the sequence (this waits for the GPU)."""
     num_blocks = math.ceil(n / block_size)
-    outside = block_mask & ((block_indices < 0) | (block_indices >= num_blocks))
+    outside = selected & ((indices < 0) | (indices >= num_blocks))
     if outside.any():  # a small reduction, then a wait for the GPU: reading past k is worse
         raise ValueError(
-            f"selected block_indices must lie in [0, {num_blocks}) (ceil(n / block_size) with "
-            f"n={n}, block_size={block_size}), got {int(block_indices[outside][0])}"
+            f"selected indices must lie in [0, {num_blocks}) (ceil(n / block_size) with "
+            f"n={n}, block_size={block_size}), got {int(indices[outside][0])}"
         )
