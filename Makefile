@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# The exact versions the course is tested with (pyproject.toml holds only ranges).
+LOCK := requirements.txt
 # Jupyter kernels started from here must use the course's Python.
 export PATH := $(BIN):$(PATH)
 
 .PHONY: lab test check exercises solutions env clean chromium
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -r $(LOCK) -e '.[course,dev]'
 	touch $(INSTALLED)
 
 # JupyterLab refuses to run as root (containers) unless told to.

@@ -11,9 +11,11 @@ import re
 import sys
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 OK, WARN, MISSING = "ok", "warn", "missing"
 _ICONS = {OK: "✅", WARN: "⚠️", MISSING: "❌"}
+LOCK = Path(__file__).resolve().parents[2] / "requirements.txt"  # the course's exact versions
 REINSTALL = "run `make lab` again from the repository root (it reinstalls .venv)"
 
 
@@ -44,9 +46,9 @@ class Report:
 
 def check_python(version: tuple[int, int]) -> Finding:
     text = ".".join(map(str, version))
-    if version >= (3, 10):
+    if version >= (3, 11):
         return Finding("Python", OK, text)
-    return Finding("Python", MISSING, f"{text} is too old", "install Python 3.10 or newer")
+    return Finding("Python", MISSING, f"{text} is too old", "install Python 3.11 or newer")
 
 
 def check_package(name: str, installed: str | None, pinned: str | None) -> Finding:
@@ -119,13 +121,14 @@ def require_triton() -> str:
     return mode
 
 
-def pinned_versions() -> dict[str, str]:
-    """The exact pins (==) of nsa-tutorial's own dependencies, by distribution name."""
+def pinned_versions(lock: Path = LOCK) -> dict[str, str]:
+    """The course's exact pins (==) from its lock file, by distribution name; none where
+    the lock is not there (the library installed on its own)."""
+    if not lock.exists():
+        return {}
     pins = {}
-    for requirement in metadata.requires("nsa-tutorial") or []:
-        if "extra ==" in requirement:
-            continue
-        if match := re.match(r"([A-Za-z0-9_.-]+)==([^;\s]+)", requirement):
+    for line in lock.read_text().splitlines():
+        if match := re.match(r"([A-Za-z0-9_.-]+)==([^;\s]+)", line):
             pins[match.group(1).lower()] = match.group(2)
     return pins
 
