@@ -49,9 +49,54 @@ def require_runnable_kernels() -> None:
         )
 
 
+def check_attention_tensors(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str],
+    k_shape: tuple[str, ...],
+) -> None:  # fmt: skip
+    """The rules every kernel here relies on, checked before anything launches: q
+    (b, hq, n, d) and keys, values named `names` of shape `k_shape` (letters b, n, d must
+    match q's; "n" only when the keys are the tokens themselves), all 4-D, non-empty,
+    float32, float16 or bfloat16 of one dtype, hq a multiple of hk, 16 <= d <= 256."""
+    k_name, v_name = names
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (b, h, n, d), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if 0 in t.shape:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"{k_name} and {v_name} must have the same shape, got {tuple(k.shape)} and "
+            f"{tuple(v.shape)}"
+        )
+    b, hq, n, d = q.shape
+    sizes = {"b": b, "n": n, "d": d}
+    expected = [str(sizes.get(letter, letter)) for letter in k_shape]
+    fixed = [(str(size), want) for size, want in zip(k.shape, expected, strict=True)]
+    if any(size != want for size, want in fixed if want.isdigit()):
+        raise ValueError(
+            f"{k_name} must be ({', '.join(k_shape)}) = ({', '.join(expected)}) like q, "
+            f"got {tuple(k.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, {k_name} and {v_name} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if hq % k.shape[1]:
+        raise ValueError(
+            f"the query heads must be a multiple of the kv heads, got hq={hq}, hk={k.shape[1]}"
+        )
+    if not 16 <= d <= 256:
+        raise ValueError(f"the head dimension must be between 16 and 256, got d={d}")
+
+
 def __getattr__(name: str):
     """`nsa_tutorial.kernels.selection_attention`, imported on first use so that the rest
     of the package works without Triton."""
+    if name == "compressed_attention" and TRITON_AVAILABLE:  # the compressed branch (notebook 10)
+        from nsa_tutorial.kernels.compressed import compressed_attention
+        return compressed_attention
     if name != "selection_attention":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if not TRITON_AVAILABLE:

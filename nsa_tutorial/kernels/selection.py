@@ -31,7 +31,7 @@ import triton.language as tl
 from einops import rearrange, repeat
 from torch import Tensor
 
-from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels import check_attention_tensors, require_runnable_kernels, triton_mode
 
 LOG2_E = math.log2(math.e)  # the kernels use exp2: logits are scaled by scale * LOG2_E
 NO_BLOCK = -1  # a slot of `blocks` that attends nothing
@@ -538,25 +538,8 @@ def selection_attention(
 
 def _check_inputs(q, k, v, indices, selected, block_size, gates, check_indices):
     """Clear errors for every rule the kernels rely on."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (b, h, n, d), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")
+    check_attention_tensors(q, k, v, ("k", "v"), ("b", "hk", "n", "d"))
     b, hq, n, d = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (b, n, d):
-        raise ValueError(f"k must be (b, hk, n, d) = ({b}, hk, {n}, {d}) like q, "
-                         f"got {tuple(k.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if hq % k.shape[1]:
-        raise ValueError(f"the query heads must be a multiple of the kv heads, got "
-                         f"hq={hq}, hk={k.shape[1]}")
-    if not 16 <= d <= 256:
-        raise ValueError(f"the head dimension must be between 16 and 256, got d={d}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
     if indices.dim() != 4 or indices.shape[1] not in (k.shape[1], hq) or (
