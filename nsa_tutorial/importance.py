@@ -25,18 +25,24 @@ def group_mean(scores: Tensor, group_size: int) -> Tensor:
     return reduce(scores, "b (h g) i j -> b h i j", "mean", g=group_size)
 
 
-def interpolate_linear(scores: Tensor, length: int) -> Tensor:
-    """Resample the last axis of scores (..., w) to `length` points, linearly.
+def interpolation_points(w: int, length: int, device: torch.device | None = None):
+    """Where `length` points resampled from w fall: (left, right, weight), each (length,).
 
     Output point t sits at source coordinate (t + 0.5) * w / length - 0.5 (pixel
-    centres, as F.interpolate with align_corners=False), clamped to the ends.
+    centres, as F.interpolate with align_corners=False), clamped to the ends: it is
+    source[left] * (1 - weight) + source[right] * weight.
     """
-    w = scores.shape[-1]
-    source = (torch.arange(length, device=scores.device) + 0.5) * (w / length) - 0.5
+    source = (torch.arange(length, device=device) + 0.5) * (w / length) - 0.5
     source = source.clamp(min=0)
     left = source.floor().long().clamp(max=w - 1)
     right = (left + 1).clamp(max=w - 1)
-    weight = (source - left).to(scores.dtype)
+    return left, right, source - left
+
+
+def interpolate_linear(scores: Tensor, length: int) -> Tensor:
+    """Resample the last axis of scores (..., w) to `length` points, linearly."""
+    left, right, weight = interpolation_points(scores.shape[-1], length, scores.device)
+    weight = weight.to(scores.dtype)
     return scores[..., left] * (1 - weight) + scores[..., right] * weight
 
 
@@ -52,7 +58,7 @@ def token_scores(
     went on: a query's scores then never depend on how long the sequence is.
     """
     w = scores.shape[-1]
-    if not interpolate:
+    if not interpolate or w == 0:  # no block yet: nothing to interpolate between
         return repeat(scores, "... w -> ... (w l)", l=stride)
     if hidden_after:
         scores = F.pad(scores, (0, 1), value=masked_logit(scores.dtype))

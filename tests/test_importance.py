@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nsa_tutorial.compress import compressed_attention, prepend_memory
 from nsa_tutorial.course.stage03_importance import (
     block_probabilities_spec,
     group_mean_spec,
@@ -16,6 +17,8 @@ from nsa_tutorial.importance import (
     interpolate_linear,
     selection_block_scores,
 )
+from nsa_tutorial.kernels.importance import top_blocks_from_keys
+from nsa_tutorial.selection import top_blocks
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -87,3 +90,70 @@ def test_importance_scores_drop_memory_average_groups_and_map_blocks():
 def test_hidden_blocks_get_no_probability():
     logits = torch.full((1, 1, 3, 1 + 2), -3.4e37)
     assert importance_scores(logits, 1, 4, 4, group_size=1).max() == 0
+
+
+IMPORTANCE_CASES = [
+    # (stride, selection_block, interpolate): remapped, equal, interpolated, smaller than stride
+    (4, 4, False),
+    (4, 8, False),
+    (2, 8, False),
+    (4, 6, True),
+    (4, 3, True),
+    (8, 4, True),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "shared"), [(4, 2, True), (4, 2, False), (4, 1, True)]
+)
+@pytest.mark.parametrize(("stride", "selection_block", "interpolate"), IMPORTANCE_CASES)
+@pytest.mark.parametrize("n", [1, 7, 33, 64])
+def test_top_blocks_from_keys_equal_those_of_the_logits(
+    causal, heads, kv_heads, shared, stride, selection_block, interpolate, n
+):
+    """The kernel path's linear importance picks the same blocks with the same values as
+    notebook 03's chain over the (n, w) logits (float64, two memory tokens, chunks of 5)."""
+    g = torch.Generator().manual_seed(n * 7 + stride)
+    d, num_memory = 8, 2
+    q = torch.randn(2, heads, n, d, generator=g, dtype=torch.float64)
+    ck, cv = torch.randn(2, 2, kv_heads, n // stride, d, generator=g, dtype=torch.float64)
+    memory = torch.randn(kv_heads, num_memory, d, generator=g, dtype=torch.float64)
+    _, logits = compressed_attention(
+        q, prepend_memory(ck, memory), prepend_memory(cv, memory), num_memory, stride, causal
+    )
+    group = heads // kv_heads if shared else None
+    importance = importance_scores(
+        logits, num_memory, stride, selection_block, group, interpolate, causal
+    )
+    expected_values, expected_indices = top_blocks(importance, 3)
+    values, indices = top_blocks_from_keys(
+        q, ck, num_selected=3, stride=stride, selection_block=selection_block,
+        group_size=group, interpolate=interpolate, causal=causal, scale=d**-0.5, chunk=5,
+    )  # fmt: skip
+    torch.testing.assert_close(values, expected_values.float(), atol=1e-6, rtol=1e-5)
+    selected = expected_values > 1e-10
+    assert torch.equal(values > 1e-10, selected)
+    torch.testing.assert_close(indices[selected], expected_indices[selected])
+
+
+def test_top_blocks_from_keys_pass_gradients_like_the_logits():
+    """With diff-topk the values are gates: their gradients reach q and the keys as
+    through the logits."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ck = torch.randn(1, 2, 10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(1, 2, 40, 2, generator=g, dtype=torch.float64)
+    memory = torch.zeros(2, 1, 8, dtype=torch.float64)
+    _, logits = compressed_attention(
+        q, prepend_memory(ck, memory), prepend_memory(ck, memory), 1, 4, True
+    )
+    expected, _ = top_blocks(importance_scores(logits, 1, 4, 8, 2, False, True), 2)
+    values, _ = top_blocks_from_keys(
+        q, ck, num_selected=2, stride=4, selection_block=8, group_size=2, interpolate=False,
+        causal=True, scale=8**-0.5,
+    )  # fmt: skip
+    want = torch.autograd.grad((expected * weights).sum(), (q, ck))
+    got = torch.autograd.grad((values.double() * weights).sum(), (q, ck))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
