@@ -16,7 +16,7 @@ import warnings
 from copy import deepcopy
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
@@ -31,13 +31,19 @@ from nsa_tutorial.compress import (
 from nsa_tutorial.fine_attention import FlexMaskBuilder
 from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.kernels import TRITON_AVAILABLE
+from nsa_tutorial.kernels.importance import top_blocks_from_keys
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
-from nsa_tutorial.selection import selection_branch
-from nsa_tutorial.sliding import sliding_window_attention, sliding_window_attention_flex
+from nsa_tutorial.selection import selection_branch, top_blocks
+from nsa_tutorial.sliding import (
+    sliding_window_attention,
+    sliding_window_attention_flex,
+    sliding_window_attention_gpu,
+)
 from nsa_tutorial.validation import require_positive_int
 
 STRATEGIES = ("compressed", "selected", "sliding")
+COMPRESSED_CHUNK = 256  # queries at a time on the PyTorch path: (chunk, n) scores per head at most
 
 
 def default_strategy_gates(dim: int, heads: int) -> nn.Linear:
@@ -63,7 +69,9 @@ def combine_branches(
 ) -> Tensor:
     """Eq. 5: gates (b, h, n, 3) weigh the branch outputs (b, h, n, d) -> (b, h, n, d)."""
     branches = torch.stack((compressed, selected, sliding))  # (3, b, h, n, d)
-    return einsum(gates, branches, "b h n branch, branch b h n d -> b h n d")
+    # elementwise, not einsum: as a matrix product that is b * h * n tiny products,
+    # more than cuBLAS takes in one batch at 128k tokens
+    return (rearrange(gates, "b h n branch -> branch b h n 1") * branches).sum(dim=0)
 
 
 class SparseAttention(nn.Module):
@@ -171,8 +179,10 @@ class SparseAttention(nn.Module):
         `nsa_tutorial.sliding.sliding_window_flex_mask` and
         `nsa_tutorial.fine_attention.fine_selection_flex_mask` built for this length,
         compute the sliding and selected branches with flex attention; the numbers are
-        the same. With use_triton_kernel=True the selection branch runs the Triton kernel
-        of notebooks 08-09 (it wins over the flex mask) unless `disable_triton_kernel`.
+        the same. With use_triton_kernel=True, unless `disable_triton_kernel`, the
+        compressed and selected branches run Triton kernels (notebooks 08-10; they win over
+        the flex masks), importance comes from `nsa_tutorial.kernels.importance`, and on a
+        GPU the window runs compiled flex attention.
         """
         self._check_input(inp, sliding_window_flex_mask, return_cache)
         if cache is not None:
@@ -181,15 +191,16 @@ class SparseAttention(nn.Module):
         x = self.norm(inp)
         q, k, v = self.project_heads(x)
         ck, cv = self.compressed_tokens(k, v)
-        compressed, logits = self.compressed_branch(q, ck, cv)
+        use_kernels = self.use_triton_kernel and not disable_triton_kernel
+        compressed, top = self.compressed_branch(q, ck, cv, use_kernels=use_kernels)
         rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
         rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
         selected = self.selected_branch(
-            rotated_q, rotated_k, v, logits,
-            flex_mask=fine_selection_flex_mask,
-            use_triton=self.use_triton_kernel and not disable_triton_kernel,
-        )  # fmt: skip
-        sliding = self.sliding_branch(rotated_q, rotated_k, v, sliding_window_flex_mask)
+            rotated_q, rotated_k, v, top, flex_mask=fine_selection_flex_mask, use_triton=use_kernels
+        )
+        sliding = self.sliding_branch(
+            rotated_q, rotated_k, v, sliding_window_flex_mask, use_kernels=use_kernels
+        )
         out = self.combine(x, compressed, selected, sliding)  # Eq. 5
         if not return_cache:
             return out
@@ -217,47 +228,87 @@ class SparseAttention(nn.Module):
         return ck, cv
 
     def compressed_branch(
-        self, q: Tensor, ck: Tensor, cv: Tensor, first_query: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        """Attention over memory + compressed keys/values; also the logits (importance)."""
-        ck = prepend_memory(ck, self.compress_mem_kv[0])
-        cv = prepend_memory(cv, self.compress_mem_kv[1])
-        return compressed_attention(
+        self, q: Tensor, ck: Tensor, cv: Tensor, *, first_query: int = 0, use_kernels: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attention over memory + compressed keys/values (Eq. 7), and each query's top-n
+        selection blocks by the importance that attention gives them (Eq. 8-11).
+
+        Returns the output (b, h, i, d) and (values, indices) (b, h_sel, i, s). Never an
+        (n, w) tensor: the PyTorch path goes COMPRESSED_CHUNK queries at a time; the
+        kernel path (use_kernels, whole sequences) runs the Triton kernel and scores the
+        selection blocks as in `nsa_tutorial.kernels.importance`.
+        """
+        memory_k, memory_v = self.compress_mem_kv
+        with_memory = prepend_memory(ck, memory_k), prepend_memory(cv, memory_v)
+        if use_kernels and first_query == 0:
+            from nsa_tutorial.kernels.compressed import compressed_attention as attention_kernel
+
+            out = attention_kernel(
+                q, *with_memory, num_memory=self.num_mem_compress_kv,
+                stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
+            )  # fmt: skip
+            return out, top_blocks_from_keys(
+                q, ck, num_selected=self.num_selected_blocks,
+                stride=self.compress_block_sliding_stride,
+                selection_block=self.selection_block_size, group_size=self._selection_group,
+                interpolate=self.interpolated_importance_score, causal=self.causal,
+                scale=self.scale,
+            )  # fmt: skip
+        chunks = [
+            self._compressed_rows(q[..., start : start + COMPRESSED_CHUNK, :], *with_memory,
+                                  first_query + start)
+            for start in range(0, q.shape[-2], COMPRESSED_CHUNK)
+        ]  # fmt: skip
+        out, values, indices = (torch.cat(parts, dim=-2) for parts in zip(*chunks, strict=True))
+        return out, (values, indices)
+
+    @property
+    def _selection_group(self) -> int | None:
+        """Query heads that share one selection (the GQA group), or None: one per head."""
+        return self.num_grouped_queries if self.query_heads_share_selected_kv else None
+
+    def _compressed_rows(
+        self, q: Tensor, ck: Tensor, cv: Tensor, first_query: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One chunk of the PyTorch path: the queries first_query, ... (q's rows) over
+        memory + compressed ck, cv -> output, top-n values and indices."""
+        out, logits = compressed_attention(
             q, ck, cv, self.num_mem_compress_kv, self.compress_block_sliding_stride,
             self.causal, self.scale, first_query,
         )  # fmt: skip
+        importance = importance_scores(
+            logits, self.num_mem_compress_kv, self.compress_block_sliding_stride,
+            self.selection_block_size, self._selection_group,
+            self.interpolated_importance_score, self.causal, first_query,
+        )  # fmt: skip
+        values, indices = top_blocks(importance, self.num_selected_blocks)
+        return out, values, indices
 
     def selected_branch(
-        self, q: Tensor, k: Tensor, v: Tensor, logits: Tensor, *, first_query: int = 0,
-        flex_mask: FlexMaskBuilder | None = None, use_triton: bool = False,
+        self, q: Tensor, k: Tensor, v: Tensor, top: tuple[Tensor, Tensor], *,
+        first_query: int = 0, flex_mask: FlexMaskBuilder | None = None, use_triton: bool = False,
     ) -> Tensor:  # fmt: skip
-        """Fine attention over the top blocks chosen from the compressed logits.
+        """Fine attention over each query's top blocks, top = (values, indices).
 
         q holds the queries from first_query on (a decoding step: one), k and v the
         rotated keys and values so far.
         """
-        group = self.num_grouped_queries if self.query_heads_share_selected_kv else None
-        importance = importance_scores(
-            logits, self.num_mem_compress_kv, self.compress_block_sliding_stride,
-            self.selection_block_size, group, self.interpolated_importance_score,
-            self.causal, first_query,
-        )  # fmt: skip
         return selection_branch(
-            q, k, v, importance,
-            num_selected=self.num_selected_blocks, block_size=self.selection_block_size,
-            causal=self.causal, diff_topk=self.use_diff_topk, scale=self.scale,
-            first_query=first_query, flex_mask=flex_mask, use_triton=use_triton,
+            q, k, v, *top, block_size=self.selection_block_size, causal=self.causal,
+            diff_topk=self.use_diff_topk, scale=self.scale, first_query=first_query,
+            flex_mask=flex_mask, use_triton=use_triton,
         )  # fmt: skip
 
     def sliding_branch(
-        self, q: Tensor, k: Tensor, v: Tensor, flex_mask: BlockMask | None = None
-    ) -> Tensor:
-        """The sliding window over rotated q, k and v; through flex attention with a mask."""
-        if flex_mask is None:
-            return sliding_window_attention(
-                q, k, v, self.sliding_window_size, self.causal, self.scale
-            )
-        return sliding_window_attention_flex(q, k, v, flex_mask, self.scale)
+        self, q: Tensor, k: Tensor, v: Tensor, flex_mask: BlockMask | None = None,
+        use_kernels: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """The sliding window over rotated q, k and v: through flex attention with a given
+        mask; with use_kernels on a GPU, compiled flex attention; else the exact chunks."""
+        if flex_mask is not None:
+            return sliding_window_attention_flex(q, k, v, flex_mask, self.scale)
+        window = sliding_window_attention_gpu if use_kernels else sliding_window_attention
+        return window(q, k, v, self.sliding_window_size, self.causal, self.scale)
 
     def combine(self, x: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor) -> Tensor:
         """Eq. 5: the gated sum of the three branches (b, h, n, d), projected -> (b, n, dim)."""

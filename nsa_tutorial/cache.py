@@ -84,12 +84,12 @@ def decode_step(attention: SparseAttention, inp: Tensor, cache: Cache) -> tuple[
     if k_block is not None:  # this token closes a block: compress it (a single window)
         new_k, new_v = attention.compressed_tokens(k_block, v_block, stride=block)
         ck, cv = torch.cat((ck, new_k), dim=-2), torch.cat((cv, new_v), dim=-2)
-    compressed, logits = attention.compressed_branch(q, ck, cv, first_query=position)
+    compressed, top = attention.compressed_branch(q, ck, cv, first_query=position)
 
     rotated_q = attention.rotary_emb.rotate_queries_or_keys(q, offset=position)
     rotated_k = attention.rotary_emb.rotate_queries_or_keys(k, offset=position)
     keys, values = torch.cat((cache_k, rotated_k), dim=-2), torch.cat((cache_v, v), dim=-2)
-    selected = attention.selected_branch(rotated_q, keys, values, logits, first_query=position)
+    selected = attention.selected_branch(rotated_q, keys, values, top, first_query=position)
     window = slice(max(position - attention.sliding_window_size, 0), None)
     sliding, _ = attend(
         rotated_q, keys[..., window, :], values[..., window, :], scale=attention.scale

@@ -1,7 +1,7 @@
 """Stage 04: block selection (paper §3.3.2, Eq. 11).
 
-Each query keeps its top-n selection blocks by importance, skips those whose
-importance is negligible, and attends to them at full resolution through
+Each query keeps its top-n selection blocks by importance (`top_blocks`), skips those
+whose importance is negligible, and attends to them at full resolution through
 `nsa_tutorial.fine_attention`. With `use_diff_topk` the importance values also
 become gates on the selected keys, so the importance scores learn from this branch.
 """
@@ -33,18 +33,19 @@ def straight_through_gates(values: Tensor) -> Tensor:
 
 
 def selection_branch(
-    q: Tensor, k: Tensor, v: Tensor, importance: Tensor, *, num_selected: int, block_size: int,
+    q: Tensor, k: Tensor, v: Tensor, values: Tensor, indices: Tensor, *, block_size: int,
     causal: bool, diff_topk: bool = False, scale: float | None = None, first_query: int = 0,
     flex_mask: FlexMaskBuilder | None = None, use_triton: bool = False,
 ) -> Tensor:  # fmt: skip
-    """The selection branch: importance (b, h, i, w) -> top-n blocks -> fine attention.
+    """The selection branch: each query's top-n blocks (values, indices) (b, h, i, s), from
+    `top_blocks`, -> fine attention.
 
     q (b, hq, i, d) holds the queries first_query, ... (a decoding step has one), k and
     v (b, hk, n, d) the rotated keys and values so far. Blocks whose importance is
-    <= SELECTED_THRESHOLD are skipped. `flex_mask` and `use_triton` pick the path
-    (see `fine_attention`).
+    <= SELECTED_THRESHOLD are skipped; with diff_topk the importance values become
+    straight-through gates. `flex_mask` and `use_triton` pick the path (see
+    `fine_attention`).
     """
-    values, indices = top_blocks(importance, num_selected)
     return fine_attention(
         q, k, v, indices, values > SELECTED_THRESHOLD,
         block_size=block_size, causal=causal,

@@ -29,8 +29,7 @@ except ImportError as error:
 from nsa_tutorial.attention import SparseAttention
 from nsa_tutorial.compress import compressed_causal_mask
 from nsa_tutorial.fine_attention import fine_mask
-from nsa_tutorial.importance import importance_scores
-from nsa_tutorial.selection import SELECTED_THRESHOLD, top_blocks
+from nsa_tutorial.selection import SELECTED_THRESHOLD
 from nsa_tutorial.sliding import sliding_window_mask
 
 BRANCHES = ("compressed", "selected", "diagonal", "sliding")
@@ -50,7 +49,7 @@ def branch_masks(model: SparseAttention, x: Tensor, head: int = 0) -> dict[str, 
     n = x.shape[1]
     block, stride = model.compress_block_size, model.compress_block_sliding_stride
     q, k, v = model.project_heads(model.norm(x))
-    _, logits = model.compressed_branch(q, *model.compressed_tokens(k, v))
+    _, (values, indices) = model.compressed_branch(q, *model.compressed_tokens(k, v))
     visible = compressed_causal_mask(n, n // stride, stride, model.num_mem_compress_kv)
     blocks = visible[:, model.num_mem_compress_kv :].float()  # (i, w)
     starts = torch.arange(n // stride) * stride + stride - block
@@ -59,16 +58,6 @@ def branch_masks(model: SparseAttention, x: Tensor, head: int = 0) -> dict[str, 
     )  # (w, j)
     compressed = (blocks @ cover.float()) > 0
     group = model.num_grouped_queries if model.query_heads_share_selected_kv else None
-    importance = importance_scores(
-        logits,
-        model.num_mem_compress_kv,
-        stride,
-        model.selection_block_size,
-        group,
-        model.interpolated_importance_score,
-        causal=True,
-    )
-    values, indices = top_blocks(importance, model.num_selected_blocks)
     selection_head = head // model.num_grouped_queries if group else head
     size = model.selection_block_size
     own_block = torch.arange(n) // size

@@ -16,7 +16,7 @@ from torch import nn
 from nsa_tutorial.compress import compress, compressed_attention, prepend_memory
 from nsa_tutorial.importance import importance_scores
 from nsa_tutorial.rotary import apply_rotary
-from nsa_tutorial.selection import selection_branch
+from nsa_tutorial.selection import selection_branch, top_blocks
 
 BRANCHES = ("compressed", "selected", "sliding")
 
@@ -74,12 +74,13 @@ def our_branches(model, x, interpolate: bool = False) -> dict[str, torch.Tensor]
     )
     freqs = model.rotary_emb.freqs
     rq, rk = apply_rotary(q, freqs), apply_rotary(k, freqs)
+    values, indices = top_blocks(importance, model.num_selected_blocks)
     selected = selection_branch(
         rq,
         rk,
         v,
-        importance,
-        num_selected=model.num_selected_blocks,
+        values,
+        indices,
         block_size=model.selection_block_size,
         causal=model.causal,
         diff_topk=model.use_diff_topk,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from grids import MODULE_PARITY, config_id
 from native_sparse_attention_pytorch import SparseAttention as Reference
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nsa_tutorial import SparseAttention
 
@@ -178,3 +179,33 @@ def test_forward_takes_the_reference_arguments_in_order():
     out, cache = model(x, None, True, None, None, True)  # cache, disable_triton_kernel, ...
     torch.testing.assert_close(out, model(x))
     assert len(cache) == 2
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("interpolate", [False, True])
+def test_no_tensor_as_large_as_queries_times_compressed_blocks(interpolate):
+    """The compressed branch and importance go in query chunks: one head, 2,048 tokens
+    and stride 4 never make a tensor of 2,048 x 512 elements, forward or backward."""
+    model = SparseAttention(
+        dim=16, dim_head=16, heads=1, sliding_window_size=16, compress_block_size=8,
+        compress_block_sliding_stride=4, selection_block_size=8 if not interpolate else 6,
+        num_selected_blocks=4, causal=True, interpolated_importance_score=interpolate,
+    )  # fmt: skip
+    x = torch.randn(1, 2048, 16, requires_grad=True)
+    with LargestTensor() as largest:
+        model(x).sum().backward()
+    assert 0 < largest.numel < 2048 * (2048 // 4)

@@ -35,10 +35,10 @@ def gathered_selection(q, k, v, blocks, block_size, causal):
 
 def single_token_selection(q, k, v, importance, num_selected, block):
     """The package's selection branch for the newest token alone: one decoding row."""
+    values, indices = selection.top_blocks(importance, num_selected)
     return selection.selection_branch(
-        q, k, v, importance, num_selected=num_selected, block_size=block, causal=True,
-        first_query=k.shape[-2] - 1,
-    )  # fmt: skip
+        q, k, v, values, indices, block_size=block, causal=True, first_query=k.shape[-2] - 1
+    )
 
 
 def triton_selection_attention(q, k, v, blocks, block_size, causal):

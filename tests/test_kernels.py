@@ -174,6 +174,7 @@ def test_invert_selection_lists_each_blocks_readers():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
 def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     from nsa_tutorial import SparseAttention
+    from nsa_tutorial.kernels import compressed
     from nsa_tutorial.kernels import selection as kernel_module
 
     torch.manual_seed(0)
@@ -192,20 +193,22 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     plain, fast = plain.to(DEVICE), fast.to(DEVICE)
     x = torch.randn(2, 23, 32, device=DEVICE)
     calls = []
-    original = kernel_module.selection_attention
-    monkeypatch.setattr(
-        kernel_module, "selection_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    )
+    kernels = ((kernel_module, "selection_attention"), (compressed, "compressed_attention"))
+    for module, name in kernels:
+        original = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw)
+        )
     expected = plain(x)
     expected.mean().backward()
     out = fast(x)
     out.mean().backward()
-    assert calls == [1]
+    assert sorted(calls) == ["compressed_attention", "selection_attention"]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     fast(x, disable_triton_kernel=True)
-    assert calls == [1]
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize(
