@@ -196,10 +196,12 @@ def test_changing_inputs_in_place_is_caught():
 
 
 def test_wrong_dtype_and_non_tensor_are_reported():
-    assert "dtype torch.float64, expected torch.float32" in verdict_of(
+    float64 = verdict_of(
         "rotary_frequencies",
         lambda d, theta: 1 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d),
     )
+    assert "dtype torch.float64, expected torch.float32" in float64
+    assert "as if theta were" not in float64  # the right base: no theta diagnosis
     assert "returned list, expected a tensor of shape (4,)" in verdict_of(
         "rotary_frequencies", lambda d, theta: [1.0] * (d // 2)
     )

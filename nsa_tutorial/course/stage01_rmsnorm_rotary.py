@@ -107,10 +107,14 @@ def _diagnose_theta(got, expected, case: Case) -> str | None:
     dim_head, theta = case.args
     if not isinstance(got, Tensor) or got.shape != expected.shape or len(got) < 2:
         return None
+    if got.dtype != expected.dtype:  # a dtype mistake, which the verdict already names
+        return None
     ratios = got[1:] / got[:-1]
     if not (got[0] - 1).abs() < 1e-4 or not torch.allclose(ratios, ratios[0], rtol=1e-3):
         return None
     base = ratios[0].item() ** (-dim_head / 2)
+    if abs(base - theta) <= 1e-3 * theta:  # the right base: the difference lies elsewhere
+        return None
     return (
         f"your frequencies fall off as if theta were {base:.4g}, but theta is {theta:g}. "
         "Check the base and the exponent -2i / dim_head."
