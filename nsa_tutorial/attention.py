@@ -247,13 +247,15 @@ class SparseAttention(nn.Module):
                 q, *with_memory, num_memory=self.num_mem_compress_kv,
                 stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
             )  # fmt: skip
-            return out, top_blocks_from_keys(
-                q, ck, num_selected=self.num_selected_blocks,
-                stride=self.compress_block_sliding_stride,
-                selection_block=self.selection_block_size, group_size=self._selection_group,
-                interpolate=self.interpolated_importance_score, causal=self.causal,
-                scale=self.scale,
-            )  # fmt: skip
+            with self._importance_grad():
+                top = top_blocks_from_keys(
+                    q, ck, num_selected=self.num_selected_blocks,
+                    stride=self.compress_block_sliding_stride,
+                    selection_block=self.selection_block_size, group_size=self._selection_group,
+                    interpolate=self.interpolated_importance_score, causal=self.causal,
+                    scale=self.scale,
+                )  # fmt: skip
+            return out, top
         chunks = [
             self._compressed_rows(q[..., start : start + COMPRESSED_CHUNK, :], *with_memory,
                                   first_query + start)
@@ -276,13 +278,19 @@ class SparseAttention(nn.Module):
             q, ck, cv, self.num_mem_compress_kv, self.compress_block_sliding_stride,
             self.causal, self.scale, first_query,
         )  # fmt: skip
-        importance = importance_scores(
-            logits, self.num_mem_compress_kv, self.compress_block_sliding_stride,
-            self.selection_block_size, self._selection_group,
-            self.interpolated_importance_score, self.causal, first_query,
-        )  # fmt: skip
-        values, indices = top_blocks(importance, self.num_selected_blocks)
+        with self._importance_grad():
+            importance = importance_scores(
+                logits, self.num_mem_compress_kv, self.compress_block_sliding_stride,
+                self.selection_block_size, self._selection_group,
+                self.interpolated_importance_score, self.causal, first_query,
+            )  # fmt: skip
+            values, indices = top_blocks(importance, self.num_selected_blocks)
         return out, values, indices
+
+    def _importance_grad(self) -> torch.autograd.grad_mode.set_grad_enabled:
+        """Importance needs gradients only as diff-topk gates: otherwise autograd keeps
+        none of its tensors (top-n indices have no gradient anyway)."""
+        return torch.set_grad_enabled(self.use_diff_topk and torch.is_grad_enabled())
 
     def selected_branch(
         self, q: Tensor, k: Tensor, v: Tensor, top: tuple[Tensor, Tensor], *,
