@@ -23,14 +23,19 @@ from nsa_tutorial.course.notebooks import (
     stage_notebook,
 )
 from nsa_tutorial.course.stage00_welcome import causal_attention_spec
+from nsa_tutorial.kernels import importance as kernel_importance
 
 
 def gathered_selection(q, k, v, blocks, block_size, causal):
     """Notebook 04's gathered PyTorch path, called with the exercise's -1 slots."""
     indices, selected = blocks.clamp(min=0).long(), blocks >= 0
-    return fine_attention.fine_attention_gathered(
+    out = fine_attention.fine_attention_gathered(
         q, k, v, indices, selected, block_size=block_size, causal=causal
     )
+    if not causal:  # a token that reads no block sees no key: the kernel gives it zeros
+        nothing = (~selected.any(dim=-1)).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        out = out.masked_fill(nothing[..., None], 0.0)
+    return out
 
 
 def single_token_selection(q, k, v, importance, num_selected, block):
@@ -85,7 +90,26 @@ PACKAGE = {
     "single_token_selection": [single_token_selection],
     "selection_kernel": [gathered_selection, triton_selection_attention],
     "invert_selection": [lambda blocks, num_blocks: kernel_index(blocks, num_blocks)],
+    "selection_block_weights": [
+        lambda w, stride, block: kernel_importance.selection_block_weights(
+            w, stride, block, interpolate=False, hidden_after=False
+        )[:w]  # without the hidden row that interpolation leans towards
+    ],
+    "compressed_kernel": [
+        lambda q, ck, cv, m, stride: compress.compressed_attention(q, ck, cv, m, stride, True)[0],
+        lambda *args: triton_compressed_attention(*args),
+    ],
 }
+
+
+def triton_compressed_attention(q, ck, cv, num_memory, stride):
+    """The package's compressed-attention kernel (row tiles of a GQA group), causal."""
+    from nsa_tutorial.kernels.compressed import compressed_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, ck, cv = (t.to(device) for t in (q, ck, cv))
+    out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=stride, causal=True)
+    return out.cpu()
 
 
 def kernel_index(blocks, num_blocks):

@@ -21,6 +21,7 @@ from nsa_tutorial.course import (
     stage07_kv_cache,
     stage08_triton_forward,
     stage09_triton_backward,
+    stage10_whole_layer,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -35,6 +36,7 @@ STAGES: dict[str, list[Exercise]] = {
     "07": stage07_kv_cache.EXERCISES,
     "08": stage08_triton_forward.EXERCISES,
     "09": stage09_triton_backward.EXERCISES,
+    "10": stage10_whole_layer.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 

@@ -73,9 +73,11 @@ def launch_selection_kernel(kernel, q, k, v, blocks, block_size: int, causal: bo
 _STUB = re.compile(r"""raise NotImplementedError\((["'])(.*?)\1\)""")
 
 
-def _as_function(candidate: Any) -> Any:
-    """A Triton kernel becomes a function with the spec's signature that launches it;
-    anything else (a PyTorch version, a known mistake) is checked as it is."""
+def kernel_as_function(candidate: Any, launcher: Callable[..., Tensor], num_tensors: int) -> Any:
+    """A Triton kernel becomes a function with the spec's signature that launches it:
+    its first `num_tensors` arguments go to the device Triton runs on, then
+    `launcher(kernel, *arguments)`. Anything else (a PyTorch version, a known mistake)
+    is checked as it is. Stage 10's kernel exercise uses it too."""
     try:
         from triton.runtime.jit import KernelInterface
     except ImportError:  # no Triton here: the learner cannot have written a kernel
@@ -84,17 +86,18 @@ def _as_function(candidate: Any) -> Any:
         return candidate
     kernel = candidate
 
-    def launch(q, k, v, blocks, block_size, causal):
+    def launch(*arguments):
         stub = _STUB.search(_kernel_source(kernel))
         if stub:  # the untouched exercise: a compiled kernel cannot raise, so say it here
             raise NotImplementedError(stub.group(2))
-        device = "cuda" if triton_mode() == "compiled" else q.device  # the cases are on the CPU
-        inputs = (t.to(device) for t in (q, k, v, blocks))
+        home = arguments[0].device  # the cases are on the CPU
+        device = "cuda" if triton_mode() == "compiled" else home
+        tensors = [t.to(device) for t in arguments[:num_tensors]]
         try:
-            out = launch_selection_kernel(kernel, *inputs, block_size, causal)
+            out = launcher(kernel, *tensors, *arguments[num_tensors:])
         except Exception as error:
             raise _plain_error(error) from None
-        return out.to(q.device)
+        return out.to(home)
 
     return launch
 
@@ -127,7 +130,7 @@ def _plain_error(error: Exception) -> Exception:
 def _cases() -> list[Case]:
     g = torch.Generator().manual_seed(80)
 
-    def case(b, hq, hk, n, s, causal, block=16, d=16):
+    def case(b, hq, hk, n, s, causal, block=16, d=16, empty_every=0):
         q, k, v = (torch.randn(b, heads, n, d, generator=g) for heads in (hq, hk, hk))
         num_blocks = -(-n // block)
         blocks = torch.full((b, hk, n, s), -1, dtype=torch.int32)
@@ -140,16 +143,30 @@ def _cases() -> list[Case]:
                         chosen = chosen[torch.rand(len(chosen), generator=g) > 0.25]
                     slots = torch.randperm(s, generator=g)[: len(chosen)]
                     blocks[bi, h, i, slots] = chosen.int()
+        if empty_every:  # tokens that read nothing at all (possible only when not causal)
+            blocks[:, :, ::empty_every] = -1
         return Case((q, k, v, blocks, block, causal))
 
     return [
         case(1, 2, 2, 40, 2, True),  # 3 blocks, the last one partial
         case(2, 4, 2, 20, 1, True),  # GQA: query heads 0, 1 read kv head 0; two batches
         case(1, 2, 1, 40, 2, False),  # not causal: any block, the partial last one too
+        case(1, 2, 1, 24, 1, False, empty_every=5),  # tokens 0, 5, ... see no key: zeros
     ]
 
 
 # ---- the mistakes, as the kernel would make them --------------------------------------------
+
+# Hints for the mistakes of any online-softmax kernel (stage 10's exercise shares them).
+HINT_GQA_HEADS = (
+    "query head h reads key/value head h // (num_heads // num_kv_heads): the heads "
+    "of a GQA group are neighbours, not h % num_kv_heads."
+)
+HINT_UNSCALED = "the scores are not scaled: multiply q·k by `scale` (dim_head ** -0.5)."
+HINT_NOT_RESCALED = (
+    "the accumulator is not rescaled: when the running max grows from m to m_new, "
+    "multiply acc (as well as ell) by exp(m - m_new)."
+)
 
 
 def _kernel_like(
@@ -248,7 +265,7 @@ SELECTION_KERNEL = Exercise(
     stage="08",
     spec=selection_kernel_spec,
     make_cases=_cases,
-    prepare=_as_function,
+    prepare=lambda candidate: kernel_as_function(candidate, launch_selection_kernel, 4),
     diagnose=_diagnose,
     mistakes=(
         Mistake(
@@ -270,20 +287,9 @@ SELECTION_KERNEL = Exercise(
             "enough).",
             _with(mask_past_n=False),
         ),
-        Mistake(
-            "query head h reads key/value head h // (num_heads // num_kv_heads): the heads "
-            "of a GQA group are neighbours, not h % num_kv_heads.",
-            _with(kv_of=lambda head, hq, hk: head % hk),
-        ),
-        Mistake(
-            "the scores are not scaled: multiply q·k by `scale` (dim_head ** -0.5).",
-            _with(scale=1.0),
-        ),
-        Mistake(
-            "the accumulator is not rescaled: when the running max grows from m to m_new, "
-            "multiply acc (as well as ell) by exp(m - m_new).",
-            _with(rescale=False),
-        ),
+        Mistake(HINT_GQA_HEADS, _with(kv_of=lambda head, hq, hk: head % hk)),
+        Mistake(HINT_UNSCALED, _with(scale=1.0)),
+        Mistake(HINT_NOT_RESCALED, _with(rescale=False)),
         Mistake(
             "an empty slot (-1) is read as block 0: skip slots whose block is negative.",
             _with(empty_slot=0),

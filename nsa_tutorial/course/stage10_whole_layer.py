@@ -1,0 +1,249 @@
+"""Checks for notebook 10: the whole layer on a GPU.
+
+Two exercises:
+
+- `selection_block_weights`: the compressed -> selection block map of notebook 03 as a
+  matrix W (w, w'), so that importance needs no (n, w) tensor (scores @ W);
+- `compressed_kernel`: a first compressed-attention kernel in Triton, one query row per
+  program, over the visible prefix of memory + compressed keys with an online softmax.
+  `launch_compressed_kernel` runs it; the notebook shows the same launcher (a test keeps
+  the two identical). As in stage 08, the check accepts the kernel itself or any Python
+  function with the spec's signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nsa_tutorial.course.stage08_triton_forward import (
+    HINT_GQA_HEADS,
+    HINT_NOT_RESCALED,
+    HINT_UNSCALED,
+    kernel_as_function,
+)
+from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+
+# ---- exercise A: the block map as a matrix ------------------------------------------------
+
+
+def selection_block_weights_spec(num_blocks: int, stride: int, selection_block: int) -> Tensor:
+    """(num_blocks, num_blocks * stride // selection_block) float32: entry (c, j) is the
+    weight of compressed block c in selection block j. Token t carries the score of
+    compressed block t // stride; each complete selection block averages its l' tokens,
+    so each of its tokens adds 1 / l' to (t // stride, t // l'). A last, partial
+    selection block is dropped."""
+    num_selection = num_blocks * stride // selection_block
+    weights = torch.zeros(num_blocks, num_selection)
+    for j in range(num_selection):
+        for t in range(j * selection_block, (j + 1) * selection_block):
+            weights[t // stride, j] += 1 / selection_block
+    return weights
+
+
+def _weight_cases() -> list[Case]:
+    return [
+        Case((6, 4, 8)),  # two compressed blocks per selection block
+        Case((7, 4, 8)),  # an odd number: the last compressed block is dropped
+        Case((5, 3, 8)),  # stride does not divide l': a compressed block is shared
+        Case((8, 16, 64)),  # the paper's sizes
+        Case((5, 16, 16)),  # stride = l': the identity
+        Case((1, 4, 8)),  # not one complete selection block yet: (1, 0)
+    ]
+
+
+def _weights_by_token(num_blocks, stride, selection_block, *, per_token, num_selection=None):
+    """Each token t adds `per_token` to (t // stride, t // l'), over num_selection blocks."""
+    if num_selection is None:
+        num_selection = num_blocks * stride // selection_block
+    weights = torch.zeros(num_blocks, num_selection)
+    for t in range(min(num_selection * selection_block, num_blocks * stride)):
+        weights[t // stride, t // selection_block] += per_token
+    return weights
+
+
+HINT_COUNTS = (
+    "the weights are counts: a selection block averages its l' tokens, so each token adds "
+    "1 / selection_block."
+)
+HINT_PER_STRIDE = (
+    "each token adds 1 / stride: the mean is over the selection block's l' tokens, so "
+    "divide by selection_block."
+)
+
+SELECTION_BLOCK_WEIGHTS = Exercise(
+    name="selection_block_weights",
+    stage="10",
+    spec=selection_block_weights_spec,
+    make_cases=_weight_cases,
+    mistakes=(
+        Mistake(HINT_COUNTS, lambda w, s, b: _weights_by_token(w, s, b, per_token=1.0)),
+        Mistake(HINT_PER_STRIDE, lambda w, s, b: _weights_by_token(w, s, b, per_token=1 / s)),
+        Mistake(
+            "a last, partial selection block must be dropped (the sliding window covers it): "
+            "keep num_blocks * stride // selection_block columns.",
+            lambda w, s, b: _weights_by_token(
+                w, s, b, per_token=1 / b, num_selection=-(-w * s // b)
+            ),
+        ),
+        Mistake(
+            "stride and selection_block are swapped: token t belongs to compressed block "
+            "t // stride and to selection block t // selection_block.",
+            lambda w, s, b: selection_block_weights_spec(w, b, s),
+        ),
+        Mistake(
+            "the matrix is transposed: rows are compressed blocks (num_blocks), columns "
+            "selection blocks.",
+            lambda w, s, b: selection_block_weights_spec(w, s, b).T,
+        ),
+    ),
+)
+
+# ---- exercise B: the compressed-attention kernel -----------------------------------------
+
+BLOCK_N = 16  # compressed keys per tile in the launcher
+
+
+def compressed_kernel_spec(
+    q: Tensor, ck: Tensor, cv: Tensor, num_memory: int, stride: int
+) -> Tensor:
+    """Causal compressed attention: token t attends to the m memory keys and to compressed
+    key j iff (j + 1) * stride - 1 < t, that is to the prefix [0, m + t // stride) of
+    ck, cv (at most all of them).
+
+    q (b, hq, n, d); ck, cv (b, hk, m + w, d), memory first -> (b, hq, n, d).
+    """
+    b, hq, n, d = q.shape
+    kv_of = torch.arange(hq) // (hq // ck.shape[1])  # each query head's key/value head
+    out = torch.zeros_like(q)
+    for t in range(n):
+        visible = min(num_memory + t // stride, ck.shape[2])
+        keys, values = ck[:, kv_of, :visible], cv[:, kv_of, :visible]  # (b, hq, keys, d)
+        scores = torch.einsum("bhjd,bhd->bhj", keys, q[:, :, t]) * d**-0.5
+        out[:, :, t] = torch.einsum("bhj,bhjd->bhd", scores.softmax(-1), values)
+    return out
+
+
+def launch_compressed_kernel(kernel, q, ck, cv, num_memory: int, stride: int):
+    """Run `kernel` with one program per (token, batch * query head) -> out (b, hq, n, d)."""
+    b, hq, n, d = q.shape
+    hk, num_keys = ck.shape[1], ck.shape[2]
+    q, ck, cv = (t.contiguous() for t in (q, ck, cv))  # plain row-major memory
+    out = torch.empty_like(q)
+    grid = (n, b * hq)  # program (t, bh) computes out[b, h, t, :] with bh = b * hq + h
+    kernel[grid](
+        q, ck, cv, out,
+        n, hq, hk, num_keys, num_memory, stride, d**-0.5,
+        BLOCK_N=16, D=d,
+    )  # fmt: skip
+    return out
+
+
+def _compressed_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(100)
+
+    def case(b, hq, hk, n, m, stride, block, d=16):
+        w = max((n - block) // stride + 1, 0)  # compressed blocks, as `compression_windows`
+        q = torch.randn(b, hq, n, d, generator=g)
+        ck, cv = (torch.randn(b, hk, m + w, d, generator=g) for _ in range(2))
+        return Case((q, ck, cv, m, stride))
+
+    return [
+        case(1, 2, 2, 72, 1, 4, 8),  # 1 + 17 keys: two tiles of 16; the last tokens see all
+        case(2, 4, 2, 24, 2, 4, 4),  # GQA: query heads 0, 1 read kv head 0; two batches
+        case(1, 2, 1, 20, 1, 16, 16),  # tokens 0-15 see only the memory token
+        case(1, 2, 2, 37, 3, 4, 8),  # n is no multiple of the stride; 3 memory tokens
+    ]
+
+
+def _kernel_like(
+    q, ck, cv, num_memory, stride, *, limit_of=None, first_key=0, scale=None, kv_of=None,
+    rescale=True, mask_tile=True,
+):  # fmt: skip
+    """The kernel's walk in PyTorch: tiles of BLOCK_N keys up to each token's limit,
+    online softmax. Each keyword reproduces one mistake; the defaults give the spec."""
+    b, hq, n, d = q.shape
+    hk, num_keys = ck.shape[1], ck.shape[2]
+    limit_of = limit_of or (lambda t: num_memory + t // stride)
+    first_key = num_memory if first_key is None else first_key  # None: the memory skipped
+    kv_of = kv_of or (lambda head: head // (hq // hk))
+    scale = d**-0.5 if scale is None else scale
+    pad = -num_keys % BLOCK_N + BLOCK_N  # keys past the end read as zeros when not masked
+    ck, cv = (F.pad(x, (0, 0, 0, pad)) for x in (ck, cv))
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for head in range(hq):
+            kv = kv_of(head)
+            for t in range(n):
+                limit = min(limit_of(t), num_keys)
+                m, ell, acc = torch.tensor(float("-inf")), torch.tensor(0.0), torch.zeros(d)
+                for start in range(first_key, max(limit, first_key), BLOCK_N):
+                    keys = torch.arange(start, start + BLOCK_N)
+                    s = ck[bi, kv, keys] @ q[bi, head, t] * scale
+                    if mask_tile:
+                        s = s.masked_fill(keys >= limit, float("-inf"))
+                    m_new = torch.maximum(m, s.max())
+                    p, alpha = (s - m_new).exp(), (m - m_new).exp()
+                    ell = ell * alpha + p.sum()
+                    acc = (acc * alpha if rescale else acc) + p @ cv[bi, kv, keys]
+                    m = m_new
+                out[bi, head, t] = acc / ell  # no key seen: 0 / 0, NaN, as the kernel gives
+    return out
+
+
+def _with(**mistake) -> Callable[..., Tensor]:
+    return lambda *args: _kernel_like(*args, **mistake)
+
+
+def _closes(q, ck, cv, m, stride):
+    return _kernel_like(q, ck, cv, m, stride, limit_of=lambda t: m + (t + 1) // stride)
+
+
+def _own_block(q, ck, cv, m, stride):
+    return _kernel_like(q, ck, cv, m, stride, limit_of=lambda t: m + t // stride + 1)
+
+
+def _modulo_heads(q, ck, cv, m, stride):
+    return _kernel_like(q, ck, cv, m, stride, kv_of=lambda head: head % ck.shape[1])
+
+
+HINT_CLOSES = (
+    "token t sees the compressed block it closes: block j ends at (j + 1) * stride - 1, "
+    "which must come strictly before t, so t sees num_memory + t // stride keys, not "
+    "num_memory + (t + 1) // stride."
+)
+
+COMPRESSED_KERNEL = Exercise(
+    name="compressed_kernel",
+    stage="10",
+    spec=compressed_kernel_spec,
+    # the learner's @triton.jit kernel, launched as the notebook's launcher does
+    prepare=lambda candidate: kernel_as_function(candidate, launch_compressed_kernel, 3),
+    make_cases=_compressed_cases,
+    mistakes=(
+        Mistake(HINT_CLOSES, _closes),
+        Mistake(
+            "token t sees the block it sits in: compressed key j is visible when "
+            "(j + 1) * stride - 1 < t (the block has ended), not when j * stride <= t.",
+            _own_block,
+        ),
+        Mistake(
+            "the memory keys are skipped: they come first in ck, cv and every token sees "
+            "them, so start the walk at key 0 (tokens before the first block see only them).",
+            _with(first_key=None),
+        ),
+        Mistake(
+            "the keys of the last tile past the token's limit are attended: set the scores "
+            "of keys >= limit to -inf (a masked load with other=0 is not enough).",
+            _with(mask_tile=False),
+        ),
+        Mistake(HINT_GQA_HEADS, _modulo_heads),
+        Mistake(HINT_UNSCALED, _with(scale=1.0)),
+        Mistake(HINT_NOT_RESCALED, _with(rescale=False)),
+    ),
+)
+
+EXERCISES = [SELECTION_BLOCK_WEIGHTS, COMPRESSED_KERNEL]

@@ -1,0 +1,67 @@
+"""Notebook 10's exercises: the specs agree with the package, each known mistake is
+named, and the notebook shows the launcher its check uses."""
+
+import ast
+import inspect
+
+import nbformat
+import pytest
+import torch
+
+from nsa_tutorial.compress import compressed_attention
+from nsa_tutorial.course import check
+from nsa_tutorial.course import stage10_whole_layer as stage10
+from nsa_tutorial.course.notebooks import SOLUTIONS
+from nsa_tutorial.course.verdict import FAIL, TODO
+from nsa_tutorial.importance import selection_block_scores
+from nsa_tutorial.kernels import TRITON_AVAILABLE
+
+
+@pytest.mark.parametrize(("w", "stride", "block"), [(6, 4, 8), (7, 4, 8), (5, 3, 8), (9, 16, 64)])
+def test_block_weights_spec_is_notebook_03s_map(w, stride, block):
+    scores = torch.randn(3, w, generator=torch.Generator().manual_seed(w))
+    weights = stage10.selection_block_weights_spec(w, stride, block)
+    assert torch.allclose(scores @ weights, selection_block_scores(scores, stride, block))
+
+
+def test_compressed_kernel_spec_is_notebook_02s_attention():
+    for case in stage10.COMPRESSED_KERNEL.make_cases():
+        q, ck, cv, m, stride = case.args
+        expected = compressed_attention(q, ck, cv, m, stride, True)[0]
+        assert torch.allclose(stage10.compressed_kernel_spec(*case.args), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "exercise", [stage10.SELECTION_BLOCK_WEIGHTS, stage10.COMPRESSED_KERNEL], ids=lambda e: e.name
+)
+def test_each_mistake_is_named(exercise):
+    for mistake in exercise.mistakes:
+        verdict = check(exercise.name, mistake.compute)
+        assert verdict.status == FAIL, str(verdict)
+        assert mistake.hint in str(verdict).split("Likely cause:")[1]
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")
+def test_untouched_kernel_is_not_implemented_yet():
+    import triton
+
+    @triton.jit
+    def compressed_kernel(Q, CK, CV, OUT, n, num_heads, num_kv_heads, num_keys, num_memory,
+                          stride, scale, BLOCK_N: triton.language.constexpr,
+                          D: triton.language.constexpr):  # fmt: skip
+        raise NotImplementedError("Exercise compressed_kernel: write this part")
+
+    verdict = check("compressed_kernel", compressed_kernel)
+    assert verdict.status == TODO and "not implemented yet" in str(verdict)
+
+
+def test_notebook_10_shows_the_launcher_its_check_uses():
+    (path,) = SOLUTIONS.glob("10_*.ipynb")
+    shown = [
+        ast.get_source_segment(cell.source, node)
+        for cell in nbformat.read(path, 4).cells
+        if cell.cell_type == "code"
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.FunctionDef) and node.name == "launch_compressed_kernel"
+    ]
+    assert shown == [inspect.getsource(stage10.launch_compressed_kernel).strip()]
