@@ -79,19 +79,19 @@ def top_blocks_from_keys(
     group_size: query heads per key/value head to average (shared selection), or None
     for one selection per query head. Differentiable (the diff-topk gates need it).
     """
-    num_blocks = ck.shape[-2]
-    q, ck = q.float(), ck.float()  # scores in float32 whatever the model's dtype: top-n ranks them
-    if group_size is not None:
-        q = reduce(q, "b (h g) n d -> b h n d", "mean", g=group_size)
-    elif q.shape[1] != ck.shape[1]:  # one selection per query head: its group's keys
-        ck = ck.repeat_interleave(q.shape[1] // ck.shape[1], dim=1)
     weights, first_query = _block_map(
-        num_blocks, stride, selection_block, interpolate, causal, q.device
+        ck.shape[-2], stride, selection_block, interpolate, causal, q.device
     )
-    block_keys = einsum(weights, ck, "c w, b h c d -> b h w d") * scale  # (b, h, w', d)
+    # scores in float32 whatever the model's dtype: top-n ranks them
+    block_keys = einsum(weights, ck.float(), "c w, b h c d -> b h w d") * scale  # (b, hk, w', d)
+    if group_size is None:  # one selection per query head: each reads its group's keys
+        block_keys = block_keys.repeat_interleave(q.shape[1] // ck.shape[1], dim=1)
     values, indices = [], []
     for start in range(0, q.shape[-2], chunk):
-        scores = einsum(q[..., start : start + chunk, :], block_keys, "b h i d, b h w d -> b h i w")
+        rows = q[..., start : start + chunk, :].float()  # (b, hq, i, d): a chunk at a time
+        if group_size is not None:
+            rows = reduce(rows, "b (h g) i d -> b h i d", "mean", g=group_size)
+        scores = einsum(rows, block_keys, "b h i d, b h w d -> b h i w")
         hidden = _hidden_blocks(start, scores.shape[-2], first_query, selection_block, stride)
         scores = scores.masked_fill(hidden, float("-inf"))
         probabilities = F.pad(scores, (1, 0), value=SINK_LOGIT).softmax(dim=-1)[..., 1:]
