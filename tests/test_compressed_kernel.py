@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_close_in_half_precision
 
 from nsa_tutorial.compress import compressed_attention as pytorch_path
 
@@ -19,9 +20,6 @@ from nsa_tutorial.compress import compressed_attention as pytorch_path
 kernels = pytest.importorskip("nsa_tutorial.kernels.compressed")
 compressed_attention = kernels.compressed_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# relative error ||kernel - reference|| / ||reference|| allowed per dtype (bf16 has 8 bits)
-TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SMALL_TILES = dict(block_m=16, block_n=16, num_warps=2, num_stages=1, rows_per_program=16,
                    chunks=4)
 
@@ -48,11 +46,6 @@ def reference(q, ck, cv, num_memory, stride, causal, scale=None):
     """The PyTorch path's output in float64."""
     q, ck, cv = (t.double() for t in (q, ck, cv))
     return pytorch_path(q, ck, cv, num_memory, stride, causal, scale)[0]
-
-
-def relative_error(actual, expected):
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def assert_matches_reference(inputs, num_memory, stride, causal, scale=None):
@@ -100,15 +93,7 @@ def test_half_precision(dtype, causal, monkeypatch):
     inputs = random_problem(1, 2, 2, 45, 32, 3, 1, dtype, seed=3)
     leaves = [t.requires_grad_() for t in inputs]
     out = compressed_attention(*leaves, num_memory=1, stride=3, causal=causal)
-    assert out.dtype == dtype
-    expected = reference(*leaves, 1, 3, causal)
-    assert relative_error(out, expected) < TOLERANCE[dtype]
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
-    for given, actual, wanted in zip(leaves, grads, expected_grads, strict=True):
-        assert actual.dtype == given.dtype
-        assert relative_error(actual, wanted) < 2 * TOLERANCE[dtype]
+    assert_close_in_half_precision(out, reference(*leaves, 1, 3, causal), leaves)
 
 
 @pytest.mark.parametrize("d", [64, 256])

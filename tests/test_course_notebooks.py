@@ -11,6 +11,8 @@ import pytest
 from nbclient import NotebookClient
 
 from nsa_tutorial.course import EXERCISES, STAGES
+from nsa_tutorial.course import stage08_triton_forward as stage08
+from nsa_tutorial.course import stage10_whole_layer as stage10
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
     ROOT,
@@ -159,15 +161,17 @@ def test_every_exercise_belongs_to_a_stage_notebook():
         assert len(list(SOLUTIONS.glob(f"{exercise.stage}_*.ipynb"))) == 1
 
 
-def test_notebook_08_shows_the_launcher_its_check_uses():
-    from nsa_tutorial.course.stage08_triton_forward import launch_selection_kernel
-
-    (path,) = SOLUTIONS.glob("08_*.ipynb")
+@pytest.mark.parametrize(
+    ("stage", "launcher"),
+    [("08", stage08.launch_selection_kernel), ("10", stage10.launch_compressed_kernel)],
+)
+def test_kernel_notebooks_show_the_launcher_their_check_uses(stage, launcher):
+    (path,) = SOLUTIONS.glob(f"{stage}_*.ipynb")
     shown = [
         ast.get_source_segment(cell.source, node)
         for cell in nbformat.read(path, 4).cells
         if cell.cell_type == "code"
         for node in ast.parse(cell.source).body
-        if isinstance(node, ast.FunctionDef) and node.name == "launch_selection_kernel"
+        if isinstance(node, ast.FunctionDef) and node.name == launcher.__name__
     ]
-    assert shown == [inspect.getsource(launch_selection_kernel).strip()]
+    assert shown == [inspect.getsource(launcher).strip()]

@@ -8,6 +8,7 @@ and every gradient).
 
 import pytest
 import torch
+from kernel_checks import relative_error
 
 from nsa_tutorial import SparseAttention
 
@@ -16,10 +17,6 @@ FLOAT32_TOLERANCE = 1e-4  # relative, over a whole tensor
 # bfloat16: the kernels' error against float32 at most this times the PyTorch path's
 # (sums like the compression MLP's bias gradient lose ~10% in both; 1.85x seen on an H200)
 BFLOAT16_FACTOR = 2.0
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def outputs_and_gradients(model, x, **kwargs):
