@@ -33,16 +33,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_run import peak_gib, run_record  # noqa: E402
 
 from nsa_tutorial import compress  # noqa: E402
 from nsa_tutorial.kernels import compressed as kernel  # noqa: E402
@@ -111,16 +111,6 @@ def relative_error(actual, expected) -> float:
 
 def time_ms(fn, grads=None) -> float:
     return do_bench(fn, warmup=50, rep=300, grad_to_none=grads, return_mode="median")
-
-
-def peak_gib(step) -> float:
-    """Peak memory of one call of step beyond what was allocated before it, GiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def out_of_memory(error: Exception) -> str:
@@ -295,20 +285,15 @@ def main() -> None:
     parser.add_argument("--sweep", type=int, default=None,
                         help="first sweep the launch settings at this length")
     args = parser.parse_args()
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "shape": dict(batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, stride=STRIDE,
-                      num_memory=MEMORY, causal=True, dtype=str(DTYPE)),
-        "timing": "triton.testing.do_bench median, warmup 50 ms, rep 300 ms",
-        "memory": "peak GiB allocated beyond what was allocated before the call",
-        "agreement": f"relative error vs the PyTorch path in float32 on the same inputs: the "
-                     f"last {TAIL} queries at every length, all outputs and gradients at the "
-                     f"first",
-    }
+    report = run_record(
+        shape=dict(batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, stride=STRIDE,
+                   num_memory=MEMORY, causal=True, dtype=str(DTYPE)),
+        timing="triton.testing.do_bench median, warmup 50 ms, rep 300 ms",
+        memory="peak GiB allocated beyond what was allocated before the call",
+        agreement=f"relative error vs the PyTorch path in float32 on the same inputs: the "
+                  f"last {TAIL} queries at every length, all outputs and gradients at the "
+                  f"first",
+    )  # fmt: skip
     if args.sweep:
         report["sweep"] = {"seq_len": args.sweep, "ms": sweep(args.sweep, args.lengths)}
     report["launch"] = {name: dataclasses.asdict(s) for name, s in kernel.LAUNCH.items()}

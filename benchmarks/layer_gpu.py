@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from einops import rearrange
 from torch import nn
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_run import peak_gib, run_record  # noqa: E402
 
 from nsa_tutorial import SparseAttention  # noqa: E402
 
@@ -74,13 +74,7 @@ def timings(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> d
 
     fwd = do_bench(forward, warmup=50, rep=300, return_mode="median")
     both = do_bench(forward_backward, warmup=50, rep=300, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    forward_backward()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return {"forward_ms": fwd, "forward_backward_ms": both, "peak_gib": peak}
+    return {"forward_ms": fwd, "forward_backward_ms": both, "peak_gib": peak_gib(forward_backward)}
 
 
 @torch.no_grad()
@@ -164,16 +158,7 @@ def main() -> None:
 
 def write(path: Path, results: list[dict]) -> None:
     """The JSON record so far (rewritten after each length, so a cut run keeps its rows)."""
-    record = {
-        "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "config": CONFIG,
-        "dtype": str(DTYPE),
-        "results": results,
-    }
+    record = run_record(config=CONFIG, dtype=str(DTYPE), results=results)
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 

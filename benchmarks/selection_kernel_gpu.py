@@ -24,16 +24,16 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_run import run_record  # noqa: E402
 
 from nsa_tutorial.fine_attention import fine_attention_gathered  # noqa: E402
 from nsa_tutorial.kernels import selection as kernel  # noqa: E402
@@ -246,18 +246,13 @@ def main() -> None:
     args = parser.parse_args()
     import fla
 
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fla": getattr(fla, "__version__", "unknown"),
-        "python": platform.python_version(),
-        "shape": dict(batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, block=BLOCK,
-                      selected=SELECTED, dtype=str(DTYPE)),
-        "launch": {name: dataclasses.asdict(s) for name, s in kernel.LAUNCH.items()},
-        "timing": "triton.testing.do_bench median, warmup 50 ms, rep 300 ms",
-    }
+    report = run_record(
+        fla=getattr(fla, "__version__", "unknown"),
+        shape=dict(batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, block=BLOCK,
+                   selected=SELECTED, dtype=str(DTYPE)),
+        launch={name: dataclasses.asdict(s) for name, s in kernel.LAUNCH.items()},
+        timing="triton.testing.do_bench median, warmup 50 ms, rep 300 ms",
+    )  # fmt: skip
     report["check_against_pytorch_T1024"] = check_against_pytorch()
     print("vs PyTorch path (relative error):", report["check_against_pytorch_T1024"], flush=True)
     report["results"] = []

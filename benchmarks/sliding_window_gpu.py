@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -37,10 +36,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_run import peak_gib, run_record  # noqa: E402
 
 from nsa_tutorial import sliding  # noqa: E402
 from nsa_tutorial.sliding import (  # noqa: E402
@@ -101,16 +101,6 @@ def time_ms(fn: Callable) -> float:
     if seconds(fn) > 0.1:
         return sorted(seconds(fn) * 1e3 for _ in range(3))[1]
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def peak_gib(fn: Callable) -> float:
-    """Peak memory one call of fn allocates above what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def seconds(fn: Callable) -> float:
@@ -287,20 +277,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)
     args = parser.parse_args()
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "shape": dict(
+    report = run_record(
+        shape=dict(
             batch=1, heads=HEADS, kv_heads=KV_HEADS, dim_head=DIM, window=WINDOW, dtype=str(DTYPE)
         ),
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms (over 100 ms: "
+        timing="triton.testing.do_bench median, warmup 25 ms, rep 100 ms (over 100 ms: "
         "median of 3 host-timed calls); peak memory above the inputs; flex first calls "
         "(compiling) and mask build apart",
-        "results": [],
-    }
+        results=[],
+    )
 
     def save():
         args.out.write_text(json.dumps(report, indent=2) + "\n")
