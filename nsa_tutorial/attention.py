@@ -193,15 +193,14 @@ class SparseAttention(nn.Module):
         ck, cv = self.compressed_tokens(k, v)
         use_kernels = self.use_triton_kernel and not disable_triton_kernel
         compressed, top = self.compressed_branch(q, ck, cv, use_kernels=use_kernels)
-        rotated_q = self.rotary_emb.rotate_queries_or_keys(q)
-        rotated_k = self.rotary_emb.rotate_queries_or_keys(k)
+        rotated_q, rotated_k = self.rotate(q, use_kernels), self.rotate(k, use_kernels)
         selected = self.selected_branch(
             rotated_q, rotated_k, v, top, flex_mask=fine_selection_flex_mask, use_triton=use_kernels
         )
         sliding = self.sliding_branch(
             rotated_q, rotated_k, v, sliding_window_flex_mask, use_kernels=use_kernels
         )
-        out = self.combine(x, compressed, selected, sliding)  # Eq. 5
+        out = self.combine(x, compressed, selected, sliding, use_kernels=use_kernels)  # Eq. 5
         if not return_cache:
             return out
         running = running_buffer(k, v, self.compress_block_size, self.compress_block_sliding_stride)
@@ -292,6 +291,15 @@ class SparseAttention(nn.Module):
         none of its tensors (top-n indices have no gradient anyway)."""
         return torch.set_grad_enabled(self.use_diff_topk and torch.is_grad_enabled())
 
+    def rotate(self, t: Tensor, use_kernels: bool = False) -> Tensor:
+        """Rotary embedding of queries or keys t (b, h, n, d) at positions 0 .. n - 1; with
+        use_kernels, one Triton pass (`nsa_tutorial.kernels.glue`), same numbers."""
+        if use_kernels:
+            from nsa_tutorial.kernels.glue import rotary_triton
+
+            return rotary_triton(t, self.rotary_emb.freqs)
+        return self.rotary_emb.rotate_queries_or_keys(t)
+
     def selected_branch(
         self, q: Tensor, k: Tensor, v: Tensor, top: tuple[Tensor, Tensor], *,
         first_query: int = 0, flex_mask: FlexMaskBuilder | None = None, use_triton: bool = False,
@@ -318,9 +326,17 @@ class SparseAttention(nn.Module):
         window = sliding_window_attention_gpu if use_kernels else sliding_window_attention
         return window(q, k, v, self.sliding_window_size, self.causal, self.scale)
 
-    def combine(self, x: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor) -> Tensor:
-        """Eq. 5: the gated sum of the three branches (b, h, n, d), projected -> (b, n, dim)."""
+    def combine(
+        self, x: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor,
+        use_kernels: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """Eq. 5: the gated sum of the three branches (b, h, n, d), projected -> (b, n, dim);
+        with use_kernels the sum and the move of heads last are one Triton pass."""
         gates = self.to_strategy_combine(x)  # (b, h, n, 3)
+        if use_kernels:
+            from nsa_tutorial.kernels.glue import gated_sum_triton
+
+            return self.combine_heads(gated_sum_triton(gates, compressed, selected, sliding))
         out = combine_branches(gates, compressed, selected, sliding)
         return self.combine_heads(rearrange(out, "b h n d -> b n (h d)"))
 

@@ -160,7 +160,7 @@ def test_invert_selection_lists_each_blocks_readers():
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
 def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     from nsa_tutorial import SparseAttention
-    from nsa_tutorial.kernels import compressed
+    from nsa_tutorial.kernels import compressed, glue
     from nsa_tutorial.kernels import selection as kernel_module
 
     torch.manual_seed(0)
@@ -179,7 +179,10 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     plain, fast = plain.to(DEVICE), fast.to(DEVICE)
     x = torch.randn(2, 23, 32, device=DEVICE)
     calls = []
-    kernels = ((kernel_module, "selection_attention"), (compressed, "compressed_attention"))
+    kernels = (
+        (kernel_module, "selection_attention"), (compressed, "compressed_attention"),
+        (glue, "rotary_triton"), (glue, "gated_sum_triton"),
+    )  # fmt: skip
     for module, name in kernels:
         original = getattr(module, name)
         monkeypatch.setattr(
@@ -189,12 +192,15 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     expected.mean().backward()
     out = fast(x)
     out.mean().backward()
-    assert sorted(calls) == ["compressed_attention", "selection_attention"]
+    assert sorted(calls) == [
+        "compressed_attention", "gated_sum_triton", "rotary_triton", "rotary_triton",
+        "selection_attention",
+    ]  # fmt: skip
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     fast(x, disable_triton_kernel=True)
-    assert len(calls) == 2
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,11 @@ FLOAT32_TOLERANCE = 1e-4  # relative, over a whole tensor
 # bfloat16: the kernels' error against float32 at most this times the PyTorch path's
 # (sums like the compression MLP's bias gradient lose ~10% in both; 1.85x seen on an H200)
 BFLOAT16_FACTOR = 2.0
+# ... except the key compression MLP's last bias. Its gradient is the sum of the
+# compressed keys' gradients, and the gradients of the keys one query sees sum to ~0
+# (softmax), so it is a small remainder of large terms. In bfloat16 the PyTorch path
+# loses 4-23% of it and the kernels 1.55-2.25x that (non-causal, H200, 2026-11-29).
+CANCELLING = {"k_compress.3.bias": 3.0}
 
 
 def outputs_and_gradients(model, x, **kwargs):
@@ -29,7 +34,7 @@ def outputs_and_gradients(model, x, **kwargs):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("heads", [4, 16, 64])  # GQA groups 1, 4, 16 over 4 kv heads
+@pytest.mark.parametrize("heads", [4, 8, 16, 32, 64])  # GQA groups 1, 2, 4, 8, 16 (4 kv heads)
 @pytest.mark.parametrize("n", [1000, 2100])  # not multiples of the blocks or the window
 def test_kernel_path_equals_pytorch_path(causal, heads, n):
     torch.manual_seed(n + heads)
@@ -53,7 +58,8 @@ def test_kernel_path_equals_pytorch_path(causal, heads, n):
     half = outputs_and_gradients(model, x)
     for name, got, plain, want in zip(names, half, half_pytorch, reference, strict=False):
         kernel_error, pytorch_error = relative_error(got, want), relative_error(plain, want)
-        assert kernel_error < BFLOAT16_FACTOR * pytorch_error + 1e-3, (
+        factor = CANCELLING.get(name, BFLOAT16_FACTOR)
+        assert kernel_error < factor * pytorch_error + 1e-3, (
             name,
             kernel_error,
             pytorch_error,

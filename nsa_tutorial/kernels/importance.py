@@ -20,8 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
-from einops import einsum, reduce
+from einops import einsum, rearrange
 from torch import Tensor
 
 from nsa_tutorial.importance import SINK_LOGIT, interpolation_points
@@ -88,15 +87,19 @@ def top_blocks_from_keys(
         block_keys = block_keys.repeat_interleave(q.shape[1] // ck.shape[1], dim=1)
     values, indices = [], []
     for start in range(0, q.shape[-2], chunk):
-        rows = q[..., start : start + chunk, :].float()  # (b, hq, i, d): a chunk at a time
-        if group_size is not None:
-            rows = reduce(rows, "b (h g) i d -> b h i d", "mean", g=group_size)
-        scores = einsum(rows, block_keys, "b h i d, b h w d -> b h i w")
+        rows = q[..., start : start + chunk, :]  # (b, hq, i, d): a chunk at a time
+        if group_size is not None:  # the mean is taken in float32, casting as it reads
+            rows = rearrange(rows, "b (h g) i d -> b h g i d", g=group_size)
+            rows = rows.mean(dim=2, dtype=torch.float32)
+        scores = einsum(rows.float(), block_keys, "b h i d, b h w d -> b h i w")
         hidden = _hidden_blocks(start, scores.shape[-2], first_query, selection_block, stride)
-        scores = scores.masked_fill(hidden, float("-inf"))
-        probabilities = F.pad(scores, (1, 0), value=SINK_LOGIT).softmax(dim=-1)[..., 1:]
-        top = probabilities.topk(min(num_selected, probabilities.shape[-1]), dim=-1)
-        values.append(top.values)
+        # hidden blocks rank last and get probability 0 (finite, so that a row with every
+        # block hidden still has a finite log-sum-exp and gradient)
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+        # softmax with the sink column, for the top n only: exp(score - log-sum-exp)
+        total = torch.logaddexp(scores.logsumexp(dim=-1), scores.new_tensor(SINK_LOGIT))
+        top = scores.topk(min(num_selected, scores.shape[-1]), dim=-1)
+        values.append((top.values - total[..., None]).exp())
         indices.append(top.indices)
     return torch.cat(values, dim=-2), torch.cat(indices, dim=-2)
 

@@ -1,0 +1,218 @@
+"""Stage 10: the layer's glue as two small Triton kernels, forward and backward.
+
+Between its big matrix products the layer runs chains of elementwise work: rotary on q
+and k (`nsa_tutorial.rotary.apply_rotary`: angles, cos, sin, a pair swap, a cast, a
+concatenation) and Eq. 5's gated sum (`nsa_tutorial.attention.combine_branches`: a
+stack of the three branches, a product, a sum, then a transpose for the output
+projection). Eager PyTorch writes every intermediate to memory. Each kernel here reads
+its inputs once and writes its result once, in the layout the next step wants:
+
+- `rotary_triton(x, freqs)`: x (b, h, n, d), any strides, rotated into a contiguous
+  (b, h, n, d). Its backward is the same kernel turning the other way.
+- `gated_sum_triton(gates, compressed, selected, sliding)`: (b, h, n, 3) gates and three
+  (b, h, n, d) branches -> (b, n, h * d), ready for `combine_heads`.
+
+Both compute in float32 and round once, as the PyTorch functions do; the GPU path of
+`SparseAttention` calls them (notebook 10 measures what they save).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nsa_tutorial.kernels import require_runnable_kernels
+
+BLOCK_T = 32  # tokens per program; one program holds all d features of each token
+
+
+@triton.jit
+def _rotary_kernel(X, OUT, FREQS, H, n, offset, sx_b, sx_h, sx_n, SIGN: tl.constexpr,
+                   D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token tile, batch): the features of BLOCK_T tokens in every head turned by
+    SIGN * (position * freq): out[j] = x[j] cos - x[j + 1] sin for even j and
+    x[j] cos + x[j - 1] sin for odd j. The angles are computed once for all H heads.
+    OUT is contiguous (b, H, n, D); BLOCK_D is D rounded up to a power of two."""
+    b = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    features = tl.arange(0, BLOCK_D)
+    ok = (tokens < n)[:, None] & (features < D)[None, :]
+    freqs = tl.load(FREQS + features // 2, mask=features < D, other=0.0)  # one per pair
+    angle = (tokens + offset).to(tl.float32)[:, None] * freqs[None, :]  # (BLOCK_T, BLOCK_D)
+    cos = tl.cos(angle)
+    sin = tl.where(features % 2 == 0, -SIGN, SIGN)[None, :] * tl.sin(angle)
+    partner = features ^ 1  # the other feature of the pair
+    for h in range(H):
+        src = X + b * sx_b + h * sx_h + tokens[:, None] * sx_n
+        x = tl.load(src + features[None, :], mask=ok, other=0.0).to(tl.float32)
+        x_partner = tl.load(src + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        dst = OUT + ((b * H + h) * n + tokens[:, None]) * D + features[None, :]
+        tl.store(dst, (x * cos + x_partner * sin).to(OUT.dtype.element_ty), mask=ok)
+
+
+def _rotate(x: Tensor, freqs: Tensor, offset: int, sign: int) -> Tensor:
+    """Launch the rotary kernel: x (b, h, n, d) -> contiguous rotated copy."""
+    b, h, n, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, BLOCK_T), b)
+    _rotary_kernel[grid](x, out, freqs, h, n, offset, x.stride(0), x.stride(1), x.stride(2),
+                         SIGN=sign, D=d, BLOCK_T=BLOCK_T,
+                         BLOCK_D=triton.next_power_of_2(d))  # fmt: skip
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, freqs: Tensor, offset: int) -> Tensor:
+        ctx.save_for_backward(freqs)
+        ctx.offset = offset
+        return _rotate(x, freqs, offset, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (freqs,) = ctx.saved_tensors
+        return _rotate(grad, freqs, ctx.offset, -1), None, None
+
+
+def rotary_triton(x: Tensor, freqs: Tensor, offset: int = 0) -> Tensor:
+    """`apply_rotary(x, freqs, offset)` in one pass: x (b, h, n, d) -> contiguous
+    (b, h, n, d), every feature rotated (d = 2 * len(freqs))."""
+    require_runnable_kernels()
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (b, h, n, d), got x of shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if d != 2 * freqs.shape[-1]:
+        raise ValueError(
+            f"rotary_triton rotates every feature: x's last axis must equal 2 * len(freqs), "
+            f"got d={d}, len(freqs)={freqs.shape[-1]}"
+        )
+    if x.device != freqs.device:
+        raise ValueError(f"x is on {x.device} but freqs on {freqs.device}")
+    return _Rotary.apply(x, freqs.float().contiguous(), offset)
+
+
+@triton.jit
+def _branch_tile(PTR, bh, H, tokens, dims, s_b, s_h, s_n, ok):
+    """A (BLOCK_T, BLOCK_D) tile of one (b, h, n, d) tensor with strides (s_b, s_h, s_n, 1)."""
+    rows = (bh // H) * s_b + (bh % H) * s_h + tokens * s_n
+    return tl.load(PTR + rows[:, None] + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gated_sum_kernel(
+    GATES, C, S, W, OUT, H, n, sg_b, sg_h, sg_n, sg_i, sc_b, sc_h, sc_n, ss_b, ss_h, ss_n,
+    sw_b, sw_h, sw_n, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (token tile, b * h): OUT[b, t, h * D + j] = sum over the three branches of
+    gate * branch[b, h, t, j]; OUT is contiguous (b, n, H * D)."""
+    bh = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (tokens < n)[:, None] & (dims < D)[None, :]
+    gate = GATES + (bh // H) * sg_b + (bh % H) * sg_h + tokens * sg_n
+    g_c = tl.load(gate, mask=tokens < n, other=0.0).to(tl.float32)[:, None]
+    g_s = tl.load(gate + sg_i, mask=tokens < n, other=0.0).to(tl.float32)[:, None]
+    g_w = tl.load(gate + 2 * sg_i, mask=tokens < n, other=0.0).to(tl.float32)[:, None]
+    out = g_c * _branch_tile(C, bh, H, tokens, dims, sc_b, sc_h, sc_n, ok)
+    out += g_s * _branch_tile(S, bh, H, tokens, dims, ss_b, ss_h, ss_n, ok)
+    out += g_w * _branch_tile(W, bh, H, tokens, dims, sw_b, sw_h, sw_n, ok)
+    dst = OUT + ((bh // H) * n + tokens[:, None]) * (H * D) + (bh % H) * D + dims[None, :]
+    tl.store(dst, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _branch_backward(BRANCH, D_BRANCH, D_GATE, GATE, d_out, bh, H, n, tokens, dims, s_b, s_h,
+                     s_n, ok, D: tl.constexpr):
+    """One branch of the backward: d_branch = gate * d_out, stored in a contiguous
+    (b, H, n, D), and d_gate = the sum over features of branch * d_out."""
+    gate = tl.load(GATE, mask=tokens < n, other=0.0).to(tl.float32)
+    branch = _branch_tile(BRANCH, bh, H, tokens, dims, s_b, s_h, s_n, ok)
+    dst = D_BRANCH + (bh * n + tokens[:, None]) * D + dims[None, :]
+    tl.store(dst, (gate[:, None] * d_out).to(D_BRANCH.dtype.element_ty), mask=ok)
+    tl.store(D_GATE, tl.sum(branch * d_out, 1), mask=tokens < n)
+
+
+@triton.jit
+def _gated_sum_backward_kernel(
+    D_OUT, GATES, C, S, W, D_GATES, D_C, D_S, D_W, H, n, sg_b, sg_h, sg_n, sg_i,
+    sc_b, sc_h, sc_n, ss_b, ss_h, ss_n, sw_b, sw_h, sw_n, D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (token tile, b * h): each branch's gradient is its gate times d_out, each
+    gate's the dot product of its branch with d_out. D_OUT is contiguous (b, n, H * D);
+    D_C, D_S, D_W contiguous (b, H, n, D); D_GATES contiguous (b, H, n, 3) float32."""
+    bh = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (tokens < n)[:, None] & (dims < D)[None, :]
+    src = D_OUT + ((bh // H) * n + tokens[:, None]) * (H * D) + (bh % H) * D + dims[None, :]
+    d_out = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    gate = GATES + (bh // H) * sg_b + (bh % H) * sg_h + tokens * sg_n
+    d_gate = D_GATES + (bh * n + tokens) * 3
+    _branch_backward(C, D_C, d_gate, gate, d_out, bh, H, n, tokens, dims, sc_b, sc_h, sc_n,
+                     ok, D)
+    _branch_backward(S, D_S, d_gate + 1, gate + sg_i, d_out, bh, H, n, tokens, dims, ss_b,
+                     ss_h, ss_n, ok, D)
+    _branch_backward(W, D_W, d_gate + 2, gate + 2 * sg_i, d_out, bh, H, n, tokens, dims, sw_b,
+                     sw_h, sw_n, ok, D)
+
+
+class _GatedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates: Tensor, *branches: Tensor) -> Tensor:
+        ctx.save_for_backward(gates, *branches)
+        b, h, n, d = branches[0].shape
+        out = torch.empty((b, n, h * d), device=gates.device, dtype=branches[0].dtype)
+        _gated_sum_kernel[(triton.cdiv(n, BLOCK_T), b * h)](
+            gates, *branches, out, h, n, *gates.stride()[:3], gates.stride(3),
+            *(s for t in branches for s in _strides(t)), D=d, BLOCK_T=BLOCK_T,
+            BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, ...]:
+        gates, *branches = ctx.saved_tensors
+        b, h, n, d = branches[0].shape
+        d_gates = torch.empty((b, h, n, 3), device=gates.device, dtype=torch.float32)
+        d_branches = [torch.empty((b, h, n, d), device=t.device, dtype=t.dtype) for t in branches]
+        _gated_sum_backward_kernel[(triton.cdiv(n, BLOCK_T), b * h)](
+            d_out.contiguous(), gates, *branches, d_gates, *d_branches, h, n,
+            *gates.stride()[:3], gates.stride(3), *(s for t in branches for s in _strides(t)),
+            D=d, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
+        return d_gates.to(gates.dtype), *d_branches
+
+
+def gated_sum_triton(
+    gates: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor
+) -> Tensor:
+    """Eq. 5 in one pass: gates (b, h, n, 3) weigh the branches (b, h, n, d) ->
+    (b, n, h * d), `combine_branches` followed by the rearrange to heads-last.
+
+    The branches share one dtype, which the output takes.
+    """
+    require_runnable_kernels()
+    branches = (compressed, selected, sliding)
+    shape = compressed.shape
+    for name, t in zip(("compressed", "selected", "sliding"), branches, strict=True):
+        if t.ndim != 4 or t.shape != shape or t.dtype != compressed.dtype:
+            raise ValueError(
+                f"the branches must share one (b, h, n, d) shape and dtype, got {name} "
+                f"{tuple(t.shape)} {t.dtype} against compressed {tuple(shape)} {compressed.dtype}"
+            )
+    if gates.shape != (*shape[:3], 3):
+        raise ValueError(
+            f"gates must be (b, h, n, 3) = {(*shape[:3], 3)}, got {tuple(gates.shape)}"
+        )
+    branches = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in branches)
+    return _GatedSum.apply(gates, *branches)
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """The (b, h, n) strides of a (b, h, n, d) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
