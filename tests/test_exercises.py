@@ -13,7 +13,16 @@ import pytest
 import torch
 
 import nsa_tutorial
-from nsa_tutorial import attention, cache, compress, fine_attention, importance, selection, sliding
+from nsa_tutorial import (
+    attention,
+    cache,
+    compress,
+    fine_attention,
+    importance,
+    selection,
+    sliding,
+    training,
+)
 from nsa_tutorial.course import EXERCISES, STAGES, check
 from nsa_tutorial.course.notebooks import (
     NOTEBOOKS,
@@ -58,8 +67,9 @@ def triton_selection_attention(q, k, v, blocks, block_size, causal):
     return out.cpu()
 
 
-# The package's implementations of each exercise (00's warm-up has only its spec).
+# The package's implementations of each exercise (00's warm-ups: torch's softmax and the spec).
 PACKAGE = {
+    "stable_softmax": [lambda scores: scores.softmax(dim=-1)],
     "causal_attention": [causal_attention_spec],
     "rms_norm": [nsa_tutorial.rms_norm],
     "rotary_frequencies": [nsa_tutorial.rotary_frequencies],
@@ -88,7 +98,9 @@ PACKAGE = {
     "combine_branches": [attention.combine_branches],
     "update_running_buffer": [cache.update_running_buffer],
     "single_token_selection": [single_token_selection],
+    "softmax_mean_kernel": [lambda scores, values: scores.softmax(dim=-1) @ values],
     "selection_kernel": [gathered_selection, triton_selection_attention],
+    "dq_kernel": [lambda *args: autograd_dq(*args)],
     "invert_selection": [lambda blocks, num_blocks: kernel_index(blocks, num_blocks)],
     "selection_block_weights": [
         lambda w, stride, block: kernel_importance.selection_block_weights(
@@ -99,6 +111,8 @@ PACKAGE = {
         lambda q, ck, cv, m, stride: compress.compressed_attention(q, ck, cv, m, stride, True)[0],
         lambda *args: triton_compressed_attention(*args),
     ],
+    "needle_targets": [training.needle_targets],
+    "answer_accuracy": [training.answer_accuracy],
 }
 
 
@@ -110,6 +124,14 @@ def triton_compressed_attention(q, ck, cv, num_memory, stride):
     q, ck, cv = (t.to(device) for t in (q, ck, cv))
     out = compressed_attention(q, ck, cv, num_memory=num_memory, stride=stride, causal=True)
     return out.cpu()
+
+
+def autograd_dq(q, k, v, blocks, do, lse, delta, block_size, causal):
+    """dq by autograd through notebook 04's gathered path (lse and delta unused: autograd
+    recomputes the forward)."""
+    q = q.clone().requires_grad_()
+    out = gathered_selection(q, k, v, blocks, block_size, causal)
+    return torch.autograd.grad(out, q, do)[0]
 
 
 def kernel_index(blocks, num_blocks):

@@ -4,6 +4,12 @@ python -m nsa_tutorial.course exercises          regenerate notebooks/ from solu
 python -m nsa_tutorial.course exercises --check  fail if notebooks/ is stale
 python -m nsa_tutorial.course execute PATH...    re-run solution notebooks, save outputs
 python -m nsa_tutorial.course env                check this machine for the course
+python -m nsa_tutorial.course check NB           check the exercises of notebooks/NB_*.ipynb
+python -m nsa_tutorial.course progress           every exercise of notebooks/ in one table
+
+`check` and `progress` exit 0 once they have reported, whatever the verdicts, so that
+`make check` and `make progress` end with the report, not with make's error line;
+with --strict they exit 1 unless every exercise passes (for scripts and CI).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from pathlib import Path
 
 from nsa_tutorial.course import notebooks
 
+STRICT_HELP = "exit 1 unless every exercise passes"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nsa_tutorial.course")
@@ -23,7 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     execute = commands.add_parser("execute", help="re-execute notebooks in place")
     execute.add_argument("paths", nargs="+", type=Path)
     commands.add_parser("env", help="check this machine for the course")
+    check = commands.add_parser("check", help="check the exercises of notebooks/NB_*.ipynb")
+    check.add_argument("notebook", metavar="NB", help="the notebook's number, e.g. 02")
+    check.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    progress = commands.add_parser("progress", help="every exercise of notebooks/, one table")
+    progress.add_argument("--strict", action="store_true", help=STRICT_HELP)
     args = parser.parse_args(argv)
+
+    if args.command in ("check", "progress"):
+        return report_exercises(args.command, getattr(args, "notebook", None), args.strict)
 
     if args.command == "exercises":
         if args.check:
@@ -44,6 +60,26 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         return 0 if report.ready else 1
     return 0
+
+
+def report_exercises(command: str, notebook: str | None, strict: bool) -> int:
+    """Print the verdicts of one notebook (`check`) or the progress table; the exit status."""
+    from nsa_tutorial.course.progress import check_notebook, progress, stage_of
+
+    if command == "progress":
+        report = progress()
+        print(report)
+        return 1 if strict and not report.complete else 0
+    try:
+        stage = stage_of(notebook)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
+    verdicts = check_notebook(stage)
+    print("\n".join(map(str, verdicts)))
+    passed = sum(v.passed for v in verdicts)
+    print(f"\n{passed} of {len(verdicts)} exercises of notebook {stage} pass.")
+    return 1 if strict and passed < len(verdicts) else 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,21 @@ def _mean_square(x, axis):
 RMS_NORM = Exercise(
     name="rms_norm",
     stage="01",
+    hints=(
+        (
+            "x is (..., d): any number of leading axes, one vector of d features per row; weight "
+            "is (d,), one gain per feature. The output has the shape of x."
+        ),
+        (
+            "the rule, row by row: x / sqrt(mean(x ** 2) + eps) * weight. The mean runs over the "
+            "last axis only, and eps sits inside the square root."
+        ),
+        (
+            "a skeleton:\n"
+            "    mean_square = x.pow(2).mean(dim=..., keepdim=...)  # (..., 1)\n"
+            "    return x * torch.rsqrt(...) * ..."
+        ),
+    ),
     spec=rms_norm_spec,
     make_cases=_rms_norm_cases,
     mistakes=(
@@ -124,6 +139,21 @@ def _diagnose_theta(got, expected, case: Case) -> str | None:
 ROTARY_FREQUENCIES = Exercise(
     name="rotary_frequencies",
     stage="01",
+    hints=(
+        (
+            "the output holds one number per feature pair: shape (dim_head // 2,), float32. "
+            "Entry i is how many radians pair i turns per position."
+        ),
+        (
+            "the rule: pair i turns by theta ** (-2i / dim_head) radians per position: 1 for the "
+            "first pair, then smaller and smaller. Use the `theta` argument."
+        ),
+        (
+            "a skeleton:\n"
+            "    exponents = torch.arange(0, dim_head, 2).float() / ...  # 2i / dim_head\n"
+            "    return 1.0 / theta ** ..."
+        ),
+    ),
     spec=rotary_frequencies_spec,
     make_cases=_frequency_cases,
     mistakes=(
@@ -178,6 +208,23 @@ _HALVES_HINT = (
 ROTATE_PAIRS = Exercise(
     name="rotate_pairs",
     stage="01",
+    hints=(
+        (
+            "x is (..., d) with d even; features 2i and 2i + 1 form pair i (neighbours, not the "
+            "two halves of the vector). The output has the shape of x."
+        ),
+        (
+            "the rule: each pair (a, b) becomes (-b, a), a quarter turn: out[..., 2i] = -x[..., "
+            "2i + 1] and out[..., 2i + 1] = x[..., 2i]."
+        ),
+        (
+            "a skeleton:\n"
+            '    pairs = rearrange(x, "... (d r) -> ... d r", r=2)\n'
+            "    a, b = pairs.unbind(dim=-1)\n"
+            "    turned = torch.stack((..., ...), dim=-1)\n"
+            '    return rearrange(turned, "... d r -> ... (d r)")'
+        ),
+    ),
     spec=rotate_pairs_spec,
     make_cases=_rotate_pairs_cases,
     mistakes=(
@@ -234,6 +281,24 @@ def _apply_rotary_cases() -> list[Case]:
 APPLY_ROTARY = Exercise(
     name="apply_rotary",
     stage="01",
+    hints=(
+        (
+            "x is (..., n, d): n tokens of d features; freqs is (d // 2,), one per pair. Row p "
+            "of x sits at position offset + p."
+        ),
+        (
+            "the rule: pair i of the token at position p turns by the angle p * freqs[i]; out = "
+            "x * cos(angle) + rotate_pairs(x) * sin(angle), where both features of a pair get "
+            "their pair's angle."
+        ),
+        (
+            "a skeleton:\n"
+            "    positions = torch.arange(x.shape[-2], dtype=torch.float32) + ...  # (n,)\n"
+            "    angles = positions[:, None] * freqs[None, :]  # (n, d/2)\n"
+            "    angles = angles.repeat_interleave(..., dim=-1)  # (n, d)\n"
+            "    return x * angles.cos() + ..."
+        ),
+    ),
     spec=apply_rotary_spec,
     make_cases=_apply_rotary_cases,
     mistakes=(

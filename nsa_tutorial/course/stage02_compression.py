@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
 
+from nsa_tutorial.course.stage00_welcome import HINT_OVERFLOW, softmax_without_max
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 
 # ---- splitting into blocks -------------------------------------------------------------
@@ -55,6 +56,22 @@ def _window_cases() -> list[Case]:
 COMPRESSION_WINDOWS = Exercise(
     name="compression_windows",
     stage="02",
+    hints=(
+        (
+            "x is (b, h, T, dh). The output (b, h, w, block_size, dh) holds w = T // stride "
+            "blocks, each a window of block_size consecutive tokens."
+        ),
+        (
+            "the rule: block j *ends* at token (j + 1) * stride - 1 and holds the block_size "
+            "tokens up to there; positions before token 0 are zeros. Tokens after the last full "
+            "stride belong to no block yet."
+        ),
+        (
+            "a skeleton: keep x[..., : w * stride, :]; left-pad it with block_size - stride zero "
+            "tokens (F.pad(x, (0, 0, ..., 0))); x.unfold(-2, block_size, stride) then gives (b, "
+            "h, w, dh, block_size): swap the last two axes. Handle w == 0 (an empty result) first."
+        ),
+    ),
     spec=compression_windows_spec,
     make_cases=_window_cases,
     mistakes=(
@@ -104,6 +121,24 @@ def _mask_with(visible, *, memory=True, with_memory_columns=True):
 COMPRESSED_CAUSAL_MASK = Exercise(
     name="compressed_causal_mask",
     stage="02",
+    hints=(
+        (
+            "the output is (seq_len, num_memory + num_blocks), bool: row i is query i; the first "
+            "num_memory columns are the memory tokens, then one column per compressed block."
+        ),
+        (
+            "the rule: memory columns are always True. Block j covers tokens up to (j + 1) * "
+            "stride - 1 and is visible to query i once it has ended: (j + 1) * stride - 1 < i, "
+            "strictly."
+        ),
+        (
+            "a skeleton:\n"
+            "    queries = torch.arange(seq_len)[:, None]\n"
+            "    block_ends = (torch.arange(num_blocks) + 1) * stride - 1\n"
+            "    visible = ...  # (seq_len, num_blocks), by broadcasting\n"
+            "    return torch.cat((memory_columns, visible), dim=-1)"
+        ),
+    ),
     spec=compressed_causal_mask_spec,
     make_cases=lambda: [
         Case((12, 3, 4, 1)),
@@ -170,6 +205,7 @@ def _attention_with(
     softmax_dim=-1,
     scale=None,
     head_order="(h g)",
+    softmax=None,
 ):
     group = q.shape[1] // ck.shape[1]
     ck, cv = (repeat(t, f"b h j d -> b {head_order} j d", g=group) for t in (ck, cv))
@@ -182,16 +218,17 @@ def _attention_with(
                 q.shape[-2], ck.shape[-2] - num_memory, stride, num_memory
             )
         scores = scores.masked_fill(~mask, -1e30)
-    return scores.softmax(softmax_dim) @ cv
+    weights = scores.softmax(softmax_dim) if softmax is None else softmax(scores, softmax_dim)
+    return weights @ cv
 
 
 def _attention_cases() -> list[Case]:
     g = torch.Generator().manual_seed(21)
 
-    def case(b, hq, hk, n, m, w, d, causal):
+    def case(b, hq, hk, n, m, w, d, causal, loud=1.0):
         return Case(
             (
-                torch.randn(b, hq, n, d, generator=g),
+                loud * torch.randn(b, hq, n, d, generator=g),
                 torch.randn(b, hk, m + w, d, generator=g),
                 torch.randn(b, hk, m + w, d, generator=g),
                 m,
@@ -205,12 +242,34 @@ def _attention_cases() -> list[Case]:
         case(2, 4, 2, 9, 2, 2, 8, True),
         case(1, 4, 1, 17, 1, 4, 4, True),
         case(1, 2, 1, 6, 1, 1, 4, False),
+        case(1, 4, 2, 14, 1, 3, 4, True, loud=100.0),  # scores in the hundreds
     ]
 
 
 COMPRESSED_ATTENTION = Exercise(
     name="compressed_attention",
     stage="02",
+    hints=(
+        (
+            "q is (b, hq, T, dh); ck and cv are (b, hk, num_memory + w, dh): the memory first, "
+            "then one key and value per compressed block. Query head h reads key/value head h // "
+            "(hq // hk). The output has the shape of q."
+        ),
+        (
+            "the rule: plain softmax attention of each query over the compressed keys, scaled by "
+            "dh ** -0.5; when causal, the columns compressed_causal_mask marks False get a very "
+            "negative score before the softmax."
+        ),
+        (
+            "a skeleton:\n"
+            '    q = rearrange(q, "b (h g) i d -> b h g i d", g=hq // hk)\n'
+            '    scores = torch.einsum("b h g i d, b h j d -> b h g i j", q, ck) * ...\n'
+            "    if causal:\n"
+            "        scores = scores.masked_fill(~compressed_causal_mask(...), ...)\n"
+            "    out = torch.einsum(..., scores.softmax(dim=-1), cv)\n"
+            "    return rearrange(out, ...)"
+        ),
+    ),
     spec=compressed_attention_spec,
     make_cases=_attention_cases,
     mistakes=(
@@ -236,6 +295,7 @@ COMPRESSED_ATTENTION = Exercise(
             "no causal mask: a query may only see blocks that ended before it.",
             lambda q, ck, cv, m, s, causal: _attention_with(q, ck, cv, m, s, False),
         ),
+        Mistake(HINT_OVERFLOW, lambda *a: _attention_with(*a, softmax=softmax_without_max)),
     ),
 )
 

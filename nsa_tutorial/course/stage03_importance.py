@@ -33,6 +33,20 @@ def _group_cases() -> list[Case]:
 GROUP_MEAN = Exercise(
     name="group_mean",
     stage="03",
+    hints=(
+        (
+            "scores is (b, h * g, i, j): one score per query head. The output (b, h, i, j) has "
+            "one per key/value head; g query heads share each key/value head."
+        ),
+        (
+            "the rule: key/value head h averages the consecutive query heads h * g .. h * g + g "
+            "- 1 (a mean: not a sum, not a maximum)."
+        ),
+        (
+            'a skeleton: split the head axis into (h, g), with reshape or einops "b (h g) i j -> '
+            'b h g i j", then take .mean(dim=...) over g.'
+        ),
+    ),
     spec=group_mean_spec,
     make_cases=_group_cases,
     mistakes=(
@@ -73,7 +87,18 @@ def _block_cases() -> list[Case]:
         Case((torch.randn(2, 2, 3, 7, generator=g), 4, 8)),  # odd number of compressed blocks
         Case((torch.randn(1, 2, 5, 9, generator=g), 2, 8)),
         Case((torch.randn(1, 1, 2, 1, generator=g), 4, 8)),  # not one full selection block yet
+        Case((torch.randn(1, 2, 3, 7, generator=g), 4, 6)),  # 6 is no multiple of the stride
+        Case((torch.randn(2, 1, 3, 5, generator=g), 16, 8)),  # notebook 03's demo: stride > block
+        Case((torch.randn(1, 1, 4, 8, generator=g), 3, 8)),  # a compressed block straddles two
     ]
+
+
+def _compressed_blocks_per_selection(scores, stride, block):
+    """Average block // stride compressed scores per selection block: right only when the
+    stride divides the selection block."""
+    ratio = block // stride
+    kept = scores[..., : scores.shape[-1] // max(ratio, 1) * ratio]
+    return reduce(kept, "... (w r) -> ... w", "mean", r=ratio)
 
 
 def _pad_partial(scores, stride, block):
@@ -85,6 +110,26 @@ def _pad_partial(scores, stride, block):
 SELECTION_BLOCK_SCORES = Exercise(
     name="selection_block_scores",
     stage="03",
+    hints=(
+        (
+            "scores is (..., w): one score per compressed block, a new block every `stride` "
+            "tokens. The output (..., w * stride // selection_block) has one score per complete "
+            "selection block of selection_block tokens."
+        ),
+        (
+            "the rule: think in tokens. Token t carries the score of compressed block t // "
+            "stride; selection block k averages its selection_block tokens; a last, partial "
+            "selection block is dropped. Going through tokens works whether or not stride "
+            "divides selection_block (stride 16 with blocks of 8 too)."
+        ),
+        (
+            "a skeleton:\n"
+            "    tokens = scores.repeat_interleave(stride, dim=-1)  # (..., w * stride)\n"
+            "    num_blocks = ... // selection_block\n"
+            "    tokens = tokens[..., : num_blocks * selection_block]\n"
+            "    return tokens.reshape(..., num_blocks, selection_block).mean(dim=...)"
+        ),
+    ),
     spec=selection_block_scores_spec,
     make_cases=_block_cases,
     mistakes=(
@@ -92,6 +137,13 @@ SELECTION_BLOCK_SCORES = Exercise(
             "a last, partial selection block must be dropped (the sliding window covers it): "
             "keep (w * stride) // selection_block blocks.",
             _pad_partial,
+        ),
+        Mistake(
+            "this groups selection_block // stride compressed scores per selection block, "
+            "which is right only when the stride divides the selection block (not for stride "
+            "4 and blocks of 6, nor stride 16 and blocks of 8): go through tokens, each "
+            "carrying the score of compressed block t // stride.",
+            _compressed_blocks_per_selection,
         ),
         Mistake(
             "this takes each selection block's maximum; average its scores.",
@@ -149,6 +201,25 @@ def _probability_cases() -> list[Case]:
 BLOCK_PROBABILITIES = Exercise(
     name="block_probabilities",
     stage="03",
+    hints=(
+        (
+            "scores is (..., i, w): for each query i, one score per selection block. The output "
+            "has the same shape: probabilities over blocks that sum to at most 1 per query."
+        ),
+        (
+            "the rule: hide query i's own block i // selection_block (the most negative float; "
+            "fine attention adds that block anyway), then softmax over the blocks with one extra "
+            "logit of -1000 in front (the sink), and drop the sink's column."
+        ),
+        (
+            "a skeleton:\n"
+            "    own = ...  # (i,): each query's own block\n"
+            "    hide = own[:, None] == ...  # (i, w): True in the own block's column\n"
+            "    scores = scores.masked_fill(hide, ...)\n"
+            "    sink = torch.full((*scores.shape[:-1], 1), -1e3)\n"
+            "    return torch.cat((sink, scores), dim=-1).softmax(dim=-1)[...]"
+        ),
+    ),
     spec=block_probabilities_spec,
     make_cases=_probability_cases,
     mistakes=(

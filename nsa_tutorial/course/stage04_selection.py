@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nsa_tutorial.course.stage00_welcome import HINT_OVERFLOW, softmax_without_max
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 
 # ---- top-n ------------------------------------------------------------------------------------
@@ -29,6 +30,21 @@ def _top_cases() -> list[Case]:
 TOP_BLOCKS = Exercise(
     name="top_blocks",
     stage="04",
+    hints=(
+        (
+            "importance is (b, h, i, w): one score per block for every query. Return (values, "
+            "indices), each (b, h, i, min(num_selected, w)), the largest first."
+        ),
+        (
+            "the rule: the min(num_selected, w) largest scores of each row and their block "
+            "numbers. Early queries have fewer blocks than num_selected, and a row may have none "
+            "(w = 0)."
+        ),
+        (
+            "a skeleton: count = min(..., importance.shape[-1]); then one call of "
+            "importance.topk(count, dim=...)."
+        ),
+    ),
     spec=top_blocks_spec,
     make_cases=_top_cases,
     mistakes=(
@@ -85,6 +101,24 @@ def _gather_head_mod(x, indices, block):
 GATHER_BLOCKS = Exercise(
     name="gather_blocks",
     stage="04",
+    hints=(
+        (
+            "x is (b, hk, T, dh); indices is (b, h, i, s): s block numbers for each query, where "
+            "h is hk or a multiple of it. The output (b, h, i, s, block, dh) holds the tokens of "
+            "each listed block."
+        ),
+        (
+            "the rule: block k is tokens k * block .. k * block + block - 1, zero-padded past "
+            "the end of the sequence; head h reads key/value head h // (h_indices / hk), so "
+            "neighbouring heads share one."
+        ),
+        (
+            "a skeleton: pad T up to a multiple of block (F.pad(x, (0, 0, 0, -T % block))); "
+            'blocks = rearrange(x, "b h (w l) d -> b h w l d", l=block); repeat the heads with '
+            "repeat_interleave(..., dim=1); then index blocks[batch, heads, indices] with "
+            "aranges shaped (b, 1, 1, 1) and (1, h, 1, 1)."
+        ),
+    ),
     spec=gather_blocks_spec,
     make_cases=_gather_cases,
     mistakes=(
@@ -135,8 +169,9 @@ def fine_attention_spec(
 def _fine_cases() -> list[Case]:
     g = torch.Generator().manual_seed(42)
 
-    def case(b, hq, hk, h, n, d, block, s, causal):
+    def case(b, hq, hk, h, n, d, block, s, causal, loud=1.0):
         q, k, v = (torch.randn(b, heads, n, d, generator=g) for heads in (hq, hk, hk))
+        q = loud * q
         blocks = -(-n // block)
         # each query picks s distinct blocks among the complete blocks before its own
         indices = torch.stack(
@@ -152,6 +187,7 @@ def _fine_cases() -> list[Case]:
         case(2, 4, 2, 2, 10, 4, 4, 1, True),  # GQA, a partial last block
         case(1, 4, 1, 4, 9, 4, 2, 2, True),  # one selection per query head
         case(1, 2, 1, 1, 8, 4, 4, 1, False),
+        case(1, 4, 2, 2, 11, 4, 4, 2, True, loud=100.0),  # scores in the hundreds
     ]
 
 
@@ -167,6 +203,7 @@ def _fine_with(
     diagonal="causal",
     use_selected=True,
     scale=None,
+    softmax=None,
 ):
     from nsa_tutorial.fine_attention import fine_mask, past_blocks_only
 
@@ -185,12 +222,35 @@ def _fine_with(
     mask = mask.repeat_interleave(q.shape[1] // indices.shape[1], dim=1)
     k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    return scores.masked_fill(~mask, -1e30).softmax(-1) @ v
+    scores = scores.masked_fill(~mask, -1e30)
+    return (scores.softmax(-1) if softmax is None else softmax(scores)) @ v
 
 
 FINE_ATTENTION = Exercise(
     name="fine_attention",
     stage="04",
+    hints=(
+        (
+            "q is (b, hq, T, dh); k and v are (b, hk, T, dh); indices and selected are (b, h, T, "
+            "s): for each query, s block numbers and whether each slot counts, with h = hk or "
+            "hq. The output has the shape of q."
+        ),
+        (
+            "the rule: query i attends to the keys of its selected blocks (when causal, only "
+            "blocks before its own: index < i // block_size) and, when causal, to keys i // "
+            "block_size * block_size .. i of its own block. Scale by dh ** -0.5; the blocks may "
+            "end in a partial last block."
+        ),
+        (
+            "a skeleton: build a (b, h, T, T) key mask.\n"
+            "    key_block = torch.arange(T) // block_size\n"
+            "    chosen = torch.zeros(b, h, T, num_blocks, dtype=torch.bool).scatter(-1, "
+            "indices, ...)\n"
+            "    mask = chosen[..., key_block]  # (b, h, i, j)\n"
+            "then OR in the own block's causal diagonal, repeat mask, k, v to hq heads, and "
+            "masked_fill(~mask, ...) before the softmax."
+        ),
+    ),
     spec=fine_attention_spec,
     make_cases=_fine_cases,
     mistakes=(
@@ -212,6 +272,7 @@ FINE_ATTENTION = Exercise(
             "the scores are not scaled by dim_head ** -0.5.",
             lambda *a, **kw: _fine_with(*a, **kw, scale=1.0),
         ),
+        Mistake(HINT_OVERFLOW, lambda *a, **kw: _fine_with(*a, **kw, softmax=softmax_without_max)),
     ),
 )
 

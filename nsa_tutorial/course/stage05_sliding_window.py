@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nsa_tutorial.course.stage00_welcome import HINT_OVERFLOW, softmax_without_max
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 
 
@@ -28,6 +29,19 @@ def _mask(seq_len, window, causal, *, back=0, forward=None):
 SLIDING_WINDOW_MASK = Exercise(
     name="sliding_window_mask",
     stage="05",
+    hints=(
+        "the output is (seq_len, seq_len), bool: row i is a query, column j a key.",
+        (
+            "the rule: query i sees keys i - window .. i (window + 1 keys, itself included); "
+            "when not causal, also the keys up to i + window."
+        ),
+        (
+            "a skeleton:\n"
+            "    i = torch.arange(seq_len)[:, None]\n"
+            "    j = torch.arange(seq_len)[None, :]\n"
+            "    return (j >= ...) & (j <= ...)"
+        ),
+    ),
     spec=sliding_window_mask_spec,
     make_cases=lambda: [
         Case((10, 3, True)),
@@ -71,31 +85,56 @@ def sliding_window_attention_spec(
     return out
 
 
-def _attention_with(q, k, v, window, causal, *, mask=None, scale=None):
+def _attention_with(
+    q, k, v, window, causal, *, mask=None, scale=None, softmax=None, heads_repeat="interleave"
+):
     n = q.shape[-2]
     group = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    if heads_repeat == "interleave":  # head h reads h // group
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    else:  # head h reads h % kv_heads
+        k, v = (t.repeat(1, group, 1, 1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
     visible = sliding_window_mask_spec(n, window, causal) if mask is None else mask
-    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) if softmax is None else softmax(scores)) @ v
 
 
 def _attention_cases() -> list[Case]:
     g = torch.Generator().manual_seed(50)
 
-    def case(b, hq, hk, n, d, window, causal):
-        return Case((*(torch.randn(b, h, n, d, generator=g) for h in (hq, hk, hk)), window, causal))
+    def case(b, hq, hk, n, d, window, causal, loud=1.0):
+        q, k, v = (torch.randn(b, h, n, d, generator=g) for h in (hq, hk, hk))
+        return Case((loud * q, k, v, window, causal))
 
     return [
         case(1, 2, 2, 12, 4, 3, True),
         case(2, 4, 2, 9, 4, 2, True),
         case(1, 4, 1, 8, 4, 2, False),
+        case(1, 4, 2, 10, 4, 3, True, loud=100.0),  # scores in the hundreds
     ]
 
 
 SLIDING_WINDOW_ATTENTION = Exercise(
     name="sliding_window_attention",
     stage="05",
+    hints=(
+        (
+            "q is (b, hq, n, d); k and v are (b, hk, n, d), and query head h reads key/value "
+            "head h // (hq // hk). The output is (b, hq, n, d)."
+        ),
+        (
+            "the rule: plain softmax attention scaled by d ** -0.5, with the keys outside each "
+            "query's window hidden (sliding_window_mask) before the softmax."
+        ),
+        (
+            "a skeleton:\n"
+            "    k, v = (t.repeat_interleave(..., dim=1) for t in (k, v))\n"
+            "    scores = q @ k.transpose(-1, -2) * ...\n"
+            "    mask = sliding_window_mask(...)\n"
+            "    return scores.masked_fill(~mask, ...).softmax(dim=-1) @ v"
+        ),
+    ),
     spec=sliding_window_attention_spec,
     make_cases=_attention_cases,
     mistakes=(
@@ -113,6 +152,12 @@ SLIDING_WINDOW_ATTENTION = Exercise(
             "the window is ignored: this attends to every earlier key.",
             lambda q, k, v, w, c: _attention_with(q, k, v, q.shape[-2], c),
         ),
+        Mistake(
+            "query heads are matched to key/value heads the wrong way: query head h reads "
+            "head h // (hq // hk) (repeat_interleave), not h % hk (repeat).",
+            lambda *a: _attention_with(*a, heads_repeat="tile"),
+        ),
+        Mistake(HINT_OVERFLOW, lambda *a: _attention_with(*a, softmax=softmax_without_max)),
     ),
 )
 

@@ -51,6 +51,22 @@ def _gate_cases() -> list[Case]:
 STRATEGY_GATES = Exercise(
     name="strategy_gates",
     stage="06",
+    hints=(
+        (
+            "x is (b, n, dim); weight (3 * heads, dim) and bias (3 * heads,) form a linear layer "
+            "with three outputs per head. The output is (b, heads, n, 3): for each head and "
+            "token, the gates of (compressed, selected, sliding)."
+        ),
+        (
+            "the rule (Eq. 5): gates = sigmoid(x @ weight.T + bias), each gate on its own (no "
+            "softmax); output feature 3 * h + c is head h's gate for branch c."
+        ),
+        (
+            "a skeleton:\n"
+            "    logits = x @ weight.T + bias  # (b, n, 3 * heads)\n"
+            '    return rearrange(torch.sigmoid(logits), "b n (h s) -> ...", h=heads)'
+        ),
+    ),
     spec=strategy_gates_spec,
     make_cases=_gate_cases,
     mistakes=(
@@ -98,6 +114,17 @@ def _combine_cases() -> list[Case]:
 COMBINE_BRANCHES = Exercise(
     name="combine_branches",
     stage="06",
+    hints=(
+        "gates is (b, h, n, 3); each branch is (b, h, n, d). The output is (b, h, n, d).",
+        (
+            "the rule (Eq. 5): gates[..., 0] * compressed + gates[..., 1] * selected + "
+            "gates[..., 2] * sliding, each gate spread over the d features of its branch."
+        ),
+        (
+            "a skeleton: slice the gates so that they keep their last axis, gates[..., 0:1] is "
+            "(b, h, n, 1) and broadcasts over d, then gates[..., 0:1] * compressed + ..."
+        ),
+    ),
     spec=combine_branches_spec,
     make_cases=_combine_cases,
     mistakes=(

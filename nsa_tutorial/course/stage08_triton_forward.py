@@ -1,9 +1,13 @@
-"""Checks for notebook 08: a first selection kernel in Triton, one query row per program.
+"""Checks for notebook 08: two Triton kernels, one row per program.
 
-The learner writes the @triton.jit kernel `selection_kernel`; `launch_selection_kernel`
-runs it with one program per (token, batch * query head). The notebook shows the same
-launcher (a test keeps the two identical). The check accepts the kernel itself, or any
-Python function with the spec's signature (a PyTorch version, a known mistake).
+- `softmax_mean_kernel`, the stepping stone: the online softmax over one row of scores
+  with one scalar value per key, tile by tile (`launch_softmax_mean_kernel`);
+- `selection_kernel`: the selection forward, one program per (token, batch * query
+  head) (`launch_selection_kernel`).
+
+The notebook shows the same launchers (a test keeps them identical). The check accepts
+the kernel itself, or any Python function with the spec's signature (a PyTorch
+version, a known mistake).
 
 Importing this module imports `nsa_tutorial.kernels`, which settles TRITON_INTERPRET
 before any learner's kernel is decorated (`make check` runs no notebook cell but imports
@@ -14,16 +18,149 @@ checks still load where Triton cannot be installed.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
 
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 from nsa_tutorial.kernels import triton_mode
+
+# ---- the stepping stone: the online softmax over one row -----------------------------------
+
+SOFTMAX_BLOCK = 16  # columns per tile in the launcher
+
+
+def softmax_mean_spec(scores: Tensor, values: Tensor) -> Tensor:
+    """scores (rows, L), values (L,) -> (rows,): row r's softmax-weighted mean of the
+    values, sum_j exp(s_j - m) * y_j / sum_j exp(s_j - m) with m the row's maximum."""
+    out = torch.empty(scores.shape[0])
+    for r, row in enumerate(scores):
+        weights = (row - row.max()).exp()
+        out[r] = (weights * values).sum() / weights.sum()
+    return out
+
+
+def launch_softmax_mean_kernel(kernel, scores, values):
+    """Run `kernel` with one program per row of scores -> out (rows,)."""
+    rows, length = scores.shape
+    scores, values = scores.contiguous(), values.contiguous()  # plain row-major memory
+    out = torch.empty(rows, device=scores.device)
+    kernel[(rows,)](scores, values, out, length, BLOCK=16)
+    return out
+
+
+def _softmax_mean_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(81)
+
+    def case(rows, length, scores=None):
+        if scores is None:
+            scores = 3 * torch.randn(rows, length, generator=g)
+        return Case((scores, torch.randn(length, generator=g)))
+
+    rising = torch.linspace(-60, 60, 40).repeat(2, 1)  # every tile raises the maximum
+    return [
+        case(4, 50),  # three full tiles and a partial one
+        case(3, 16),  # exactly one tile
+        case(2, 5),  # shorter than a tile
+        case(2, 40, rising),
+        case(3, 40, 100 * torch.randn(3, 40, generator=g)),  # scores in the hundreds
+        case(3, 24, torch.randn(3, 24, generator=g) - 1000),  # every score far below zero
+    ]
+
+
+def _softmax_walk(
+    scores, values, *, rescale_acc=True, rescale_ell=True, running_max=True, pad=-math.inf,
+    normalise=True,
+):  # fmt: skip
+    """The kernel's walk over tiles of SOFTMAX_BLOCK columns, in PyTorch. Each keyword
+    reproduces one mistake; the defaults give the spec's answer."""
+    rows, length = scores.shape
+    padding = -length % SOFTMAX_BLOCK
+    scores = F.pad(scores, (0, padding), value=pad)
+    values = F.pad(values, (0, padding))
+    out = torch.empty(rows)
+    for r in range(rows):
+        m, ell, acc = torch.tensor(-math.inf), torch.tensor(0.0), torch.tensor(0.0)
+        for start in range(0, length, SOFTMAX_BLOCK):
+            s = scores[r, start : start + SOFTMAX_BLOCK]
+            y = values[start : start + SOFTMAX_BLOCK]
+            m_new = torch.maximum(m, s.max()) if running_max else torch.tensor(0.0)
+            alpha, p = (m - m_new).exp(), (s - m_new).exp()
+            ell = (ell * alpha if rescale_ell else ell) + p.sum()
+            acc = (acc * alpha if rescale_acc else acc) + p @ y
+            m = m_new
+        out[r] = acc / ell if normalise else acc
+    return out
+
+
+SOFTMAX_MEAN_KERNEL = Exercise(
+    name="softmax_mean_kernel",
+    stage="08",
+    hints=(
+        (
+            "program `row` computes out[row] = softmax(S[row]) @ Y for one row of the "
+            "(rows, L) score matrix S, with Y (L,) and OUT (rows,). Row r of S starts at "
+            "S + r * L; the program walks its columns in tiles of BLOCK, cols = start + "
+            "tl.arange(0, BLOCK), and L need not be a multiple of BLOCK."
+        ),
+        (
+            "the rule, the PyTorch loop above: keep m (the largest score so far), ell (the "
+            "sum of exp(s - m)) and acc (the sum of exp(s - m) * y), 0-d tensors. Per tile: "
+            "m_new = max(m, the tile's max), alpha = exp(m - m_new), p = exp(s - m_new), "
+            "ell = alpha * ell + sum(p), acc = alpha * acc + sum(p * y). Lanes past L "
+            "must add nothing: load their scores as -inf, their values as 0."
+        ),
+        (
+            "a skeleton:\n"
+            "    row = tl.program_id(0)\n"
+            '    m = tl.full((), float("-inf"), tl.float32); ell = ...; acc = ...\n'
+            "    for start in range(0, L, BLOCK):\n"
+            "        cols = start + tl.arange(0, BLOCK); inside = cols < L\n"
+            "        s = tl.load(S + row * L + cols, mask=inside, other=...)\n"
+            "        y = tl.load(Y + cols, mask=inside, other=0.0)\n"
+            "        ...  # m_new, alpha, p; then ell, acc and m\n"
+            "    tl.store(OUT + row, ...)"
+        ),
+    ),
+    spec=softmax_mean_spec,
+    make_cases=_softmax_mean_cases,
+    prepare=lambda candidate: kernel_as_function(candidate, launch_softmax_mean_kernel, 2),
+    mistakes=(
+        Mistake(
+            "the accumulator is not rescaled: when the maximum grows from m to m_new, "
+            "multiply acc by alpha = exp(m - m_new), as ell.",
+            lambda s, y: _softmax_walk(s, y, rescale_acc=False),
+        ),
+        Mistake(
+            "ell is not rescaled: when the maximum grows from m to m_new, multiply ell by "
+            "alpha = exp(m - m_new), as acc.",
+            lambda s, y: _softmax_walk(s, y, rescale_ell=False),
+        ),
+        Mistake(
+            "the scores are exponentiated without the running max: exp(s) overflows above "
+            "about 88 and is 0 for every score far below zero. Keep m, the largest score so "
+            "far, and use exp(s - m_new).",
+            lambda s, y: _softmax_walk(s, y, running_max=False),
+        ),
+        Mistake(
+            "lanes past L load a score of 0, which counts as a real key: load them with "
+            'other=float("-inf") (exp(-inf) = 0).',
+            lambda s, y: _softmax_walk(s, y, pad=0.0),
+        ),
+        Mistake(
+            "the result is not normalised: store acc / ell, not acc.",
+            lambda s, y: _softmax_walk(s, y, normalise=False),
+        ),
+    ),
+)
+
+# ---- the selection kernel -----------------------------------------------------------------
 
 
 def selection_kernel_spec(
@@ -127,11 +264,14 @@ def _plain_error(error: Exception) -> Exception:
 # ---- cases --------------------------------------------------------------------------------
 
 
-def _cases() -> list[Case]:
+def selection_cases() -> list[Case]:
+    """(q, k, v, blocks, block_size, causal) for the selection kernel; notebook 09's dq
+    kernel is checked on the same inputs."""
     g = torch.Generator().manual_seed(80)
 
-    def case(b, hq, hk, n, s, causal, block=16, d=16, empty_every=0):
+    def case(b, hq, hk, n, s, causal, block=16, d=16, empty_every=0, loud=1.0):
         q, k, v = (torch.randn(b, heads, n, d, generator=g) for heads in (hq, hk, hk))
+        q = loud * q
         num_blocks = -(-n // block)
         blocks = torch.full((b, hk, n, s), -1, dtype=torch.int32)
         for bi in range(b):
@@ -152,6 +292,7 @@ def _cases() -> list[Case]:
         case(2, 4, 2, 20, 1, True),  # GQA: query heads 0, 1 read kv head 0; two batches
         case(1, 2, 1, 40, 2, False),  # not causal: any block, the partial last one too
         case(1, 2, 1, 24, 1, False, empty_every=5),  # tokens 0, 5, ... see no key: zeros
+        case(1, 2, 1, 36, 2, True, loud=100.0),  # scores in the hundreds: exp() overflows
     ]
 
 
@@ -166,6 +307,11 @@ HINT_UNSCALED = "the scores are not scaled: multiply q·k by `scale` (dim_head *
 HINT_NOT_RESCALED = (
     "the accumulator is not rescaled: when the running max grows from m to m_new, "
     "multiply acc (as well as ell) by exp(m - m_new)."
+)
+HINT_NO_RUNNING_MAX = (
+    "the scores are exponentiated without the running max: exp(s) overflows once a "
+    "score passes about 88 (this case has scores in the hundreds). Keep m, the largest "
+    "score so far, and use p = exp(s - m_new), rescaling ell and acc by exp(m - m_new)."
 )
 
 
@@ -183,6 +329,7 @@ def _kernel_like(
     scale=None,
     rescale=True,
     empty_slot=None,
+    running_max=True,
 ):
     """The kernel's walk in PyTorch: slots in order, then the own block, online softmax.
     Each keyword reproduces one mistake; the defaults give the spec's answer."""
@@ -214,7 +361,7 @@ def _kernel_like(
                     s = (k[bi, kv, keys] @ q[bi, head, i] * scale).masked_fill(
                         ~visible, float("-inf")
                     )
-                    m_new = torch.maximum(m, s.max())
+                    m_new = torch.maximum(m, s.max()) if running_max else torch.tensor(0.0)
                     if m_new == float("-inf"):
                         continue  # nothing visible yet
                     p, alpha = (s - m_new).exp(), (m - m_new).exp()
@@ -263,8 +410,39 @@ def _diagnose(got: Any, expected: Tensor, case: Case) -> str | None:
 SELECTION_KERNEL = Exercise(
     name="selection_kernel",
     stage="08",
+    hints=(
+        (
+            "program (i, bh) writes out[b, h, i, :] for one query, with bh = b * num_heads + h. "
+            "The tensors are flat and row-major: the query starts at Q + (bh * n + i) * D; key "
+            "or value j of the (batch, kv head) row kv = b * num_kv_heads + h // (num_heads // "
+            "num_kv_heads) starts at (kv * n + j) * D; the query's slots sit at BLOCKS + (kv * n "
+            "+ i) * num_slots."
+        ),
+        (
+            "the rule: walk the slots and skip -1; a block's keys are block * BLOCK_SIZE + "
+            "tl.arange(0, BLOCK_SIZE), masked where >= n (in the loads, and -inf in the scores). "
+            "Then, if CAUSAL, the own block with keys <= i. Keep an online softmax: running max "
+            "m, sum ell, accumulator acc, and rescale ell and acc by exp(m - m_new) whenever the "
+            "max grows. Store acc / ell, or zeros when no key was seen."
+        ),
+        (
+            "a skeleton:\n"
+            "    q = tl.load(Q + ... + tl.arange(0, D))\n"
+            '    m = tl.full((), float("-inf"), tl.float32); ell = ...; acc = tl.zeros((D,), '
+            "tl.float32)\n"
+            "    for slot in range(num_slots):\n"
+            "        block = tl.load(BLOCKS + ...)\n"
+            "        if block >= 0:\n"
+            "            keys = ...; visible = keys < n\n"
+            "            k = tl.load(K + rows, mask=visible[:, None], other=0.0)  # v the same\n"
+            "            s = tl.where(visible, tl.sum(k * q[None, :], 1) * scale, "
+            'float("-inf"))\n'
+            "            m_new = tl.maximum(m, tl.max(s, 0)); update ell, acc, m\n"
+            "    # then the own block the same way, and tl.store(OUT + ..., acc / ...)"
+        ),
+    ),
     spec=selection_kernel_spec,
-    make_cases=_cases,
+    make_cases=selection_cases,
     prepare=lambda candidate: kernel_as_function(candidate, launch_selection_kernel, 4),
     diagnose=_diagnose,
     mistakes=(
@@ -290,6 +468,7 @@ SELECTION_KERNEL = Exercise(
         Mistake(HINT_GQA_HEADS, _with(kv_of=lambda head, hq, hk: head % hk)),
         Mistake(HINT_UNSCALED, _with(scale=1.0)),
         Mistake(HINT_NOT_RESCALED, _with(rescale=False)),
+        Mistake(HINT_NO_RUNNING_MAX, _with(running_max=False)),
         Mistake(
             "an empty slot (-1) is read as block 0: skip slots whose block is negative.",
             _with(empty_slot=0),
@@ -297,4 +476,4 @@ SELECTION_KERNEL = Exercise(
     ),
 )
 
-EXERCISES = [SELECTION_KERNEL]
+EXERCISES = [SOFTMAX_MEAN_KERNEL, SELECTION_KERNEL]

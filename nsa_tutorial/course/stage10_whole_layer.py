@@ -77,6 +77,26 @@ HINT_PER_STRIDE = (
 SELECTION_BLOCK_WEIGHTS = Exercise(
     name="selection_block_weights",
     stage="10",
+    hints=(
+        (
+            "the output is (num_blocks, num_blocks * stride // selection_block), float32: row c "
+            "is compressed block c, column j selection block j, so that scores (..., w) @ W "
+            "gives the selection-block scores."
+        ),
+        (
+            "the rule: token t belongs to compressed block t // stride and to selection block t "
+            "// selection_block; a complete selection block averages its selection_block tokens, "
+            "so each token adds 1 / selection_block to W[t // stride, t // selection_block]. A "
+            "last, partial selection block is dropped."
+        ),
+        (
+            "a skeleton:\n"
+            "    num_selection = ...\n"
+            "    tokens = torch.arange(num_selection * selection_block)\n"
+            "    weights = torch.zeros(num_blocks, num_selection)\n"
+            "    weights.index_put_((tokens // ..., tokens // ...), values, accumulate=True)"
+        ),
+    ),
     spec=selection_block_weights_spec,
     make_cases=_weight_cases,
     mistakes=(
@@ -219,6 +239,32 @@ HINT_CLOSES = (
 COMPRESSED_KERNEL = Exercise(
     name="compressed_kernel",
     stage="10",
+    hints=(
+        (
+            "program (t, bh) writes out[b, h, t, :], with bh = b * num_heads + h. The query "
+            "starts at Q + (bh * n + t) * D; key j of the (batch, kv head) row kv = b * "
+            "num_kv_heads + h // (num_heads // num_kv_heads) starts at CK + (kv * num_keys + j) "
+            "* D. The keys are the memory first, then the compressed blocks."
+        ),
+        (
+            "the rule: token t sees the prefix of keys [0, limit) with limit = min(num_memory + "
+            "t // stride, num_keys). Walk it in tiles of BLOCK_N keys, mask keys >= limit in the "
+            "loads and give them -inf scores, and keep an online softmax (running max m, sum "
+            "ell, accumulator acc, the last two rescaled by exp(m - m_new))."
+        ),
+        (
+            "a skeleton:\n"
+            "    limit = tl.minimum(...)\n"
+            '    m, ell, acc = tl.full((), float("-inf"), tl.float32), ..., tl.zeros((D,), '
+            "tl.float32)\n"
+            "    for start in range(0, limit, BLOCK_N):\n"
+            "        keys = start + tl.arange(0, BLOCK_N); visible = keys < limit\n"
+            "        k = tl.load(CK + rows, mask=visible[:, None], other=0.0)  # cv the same\n"
+            '        s = tl.where(visible, ... * scale, float("-inf"))\n'
+            "        ...  # the online-softmax update\n"
+            "    tl.store(OUT + ..., acc / ell)"
+        ),
+    ),
     spec=compressed_kernel_spec,
     # the learner's @triton.jit kernel, launched as the notebook's launcher does
     prepare=lambda candidate: kernel_as_function(candidate, launch_compressed_kernel, 3),

@@ -72,6 +72,8 @@ class Exercise:
     prepare: Callable[[Any], Any] | None = None
     atol: float = 1e-5
     rtol: float = 1e-5
+    # Shown one at a time by `hint(name)`: what the shapes mean, the rule, a skeleton.
+    hints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,16 @@ class Verdict:
 
 
 def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
-    """Check `fn` against `exercise` case by case; stop at the first problem."""
+    """Check `fn` against `exercise` case by case; stop at the first problem. A failing
+    verdict ends with a pointer to the exercise's hints."""
+    verdict = _first_problem(exercise, fn)
+    if verdict.status == FAIL and exercise.hints:
+        message = f'{verdict.message}\n   Stuck? hint("{exercise.name}") gives the next hint.'
+        return Verdict(verdict.name, FAIL, message)
+    return verdict
+
+
+def _first_problem(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     if exercise.prepare is not None:
         fn = exercise.prepare(fn)
     if not callable(fn):
@@ -122,10 +133,12 @@ def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
             )
         problem = compare(got, expected, exercise.atol, exercise.rtol)
         if problem:
-            cause = _likely_cause(exercise, got, expected, case)
             message = f"{where}: {problem}"
+            cause = _likely_cause(exercise, got, expected, case)
             if cause:
                 message += f"\n   Likely cause: {cause}"
+            elif pattern := diagnose_difference(got, expected, exercise.atol, exercise.rtol):
+                message += f"\n   Where to look: {pattern}"
             return Verdict(exercise.name, FAIL, message)
     return Verdict(exercise.name, PASS, f"all {len(cases)} cases match the reference.")
 
@@ -148,13 +161,17 @@ def compare(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5) -> 
         return f"output has shape {_shape(got)}, expected {_shape(expected)}."
     if got.dtype != expected.dtype:
         return f"output has dtype {got.dtype}, expected {expected.dtype}."
-    if expected.dtype == torch.bool or not expected.is_floating_point():
-        differs = got != expected
-    else:
-        differs = ~torch.isclose(got, expected, rtol=rtol, atol=atol, equal_nan=True)
+    differs = _differing(got, expected, atol, rtol)
     if not differs.any():
         return None
     return _describe_differences(got, expected, differs)
+
+
+def _differing(got: Tensor, expected: Tensor, atol: float, rtol: float) -> Tensor:
+    """Where two tensors of one shape and dtype differ (beyond the tolerance), as bools."""
+    if not expected.is_floating_point():
+        return got != expected
+    return ~torch.isclose(got, expected, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def _describe_differences(got: Tensor, expected: Tensor, differs: Tensor) -> str:
@@ -165,8 +182,13 @@ def _describe_differences(got: Tensor, expected: Tensor, differs: Tensor) -> str
         for pos in positions
     )
     lines = [f"{count} of {total} values differ: {shown}."]
-    if got.is_floating_point() and torch.isnan(got).any() and not torch.isnan(expected).any():
-        lines.append("Your output contains NaN (a division by zero, or a softmax over -inf only?).")
+    broken = got.is_floating_point() and (~got.isfinite() & expected.isfinite()).any()
+    if broken:
+        what = "NaN" if got.isnan().any() else "inf"
+        lines.append(
+            f"Your output contains {what} (a division by zero, a softmax over -inf only, or "
+            "exp() of large scores that overflowed: subtract each row's maximum first?)."
+        )
     elif got.is_floating_point():
         error = (got - expected).abs().nan_to_num(nan=float("inf"))
         lines.append(f"Largest difference: {_number(error.max())}.")
@@ -197,6 +219,141 @@ def _likely_cause(exercise: Exercise, got: Any, expected: Any, case: Case) -> st
             return mistake.hint
     if exercise.diagnose is not None:
         return exercise.diagnose(got, expected, case)
+    return None
+
+
+# ---- generic diagnoses: where a wrong answer outside the catalogue still points ----------------
+
+
+def diagnose_difference(
+    got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5
+) -> str | None:
+    """A pattern in how `got` differs from `expected` (same shape and dtype), in words:
+    the transpose, a mask that shows too much or too little, a constant factor, a shift
+    by a position or a block, or a single head (index) that differs. None if none fits."""
+    if isinstance(expected, tuple) and isinstance(got, tuple) and len(got) == len(expected):
+        for index, (part, wanted) in enumerate(zip(got, expected, strict=True)):
+            if compare(part, wanted, atol, rtol):
+                found = diagnose_difference(part, wanted, atol, rtol)
+                return f"output[{index}]: {found}" if found else None
+        return None
+    if not isinstance(got, Tensor) or not isinstance(expected, Tensor):
+        return None
+    if got.shape != expected.shape or got.dtype != expected.dtype or expected.numel() < 2:
+        return None
+
+    close = _Close(atol, rtol)
+    for diagnosis in (_transposed, _shifted, _mask_direction, _scaled, _one_index):
+        found = diagnosis(got, expected, close)
+        if found:
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class _Close:
+    """Whether two tensors match within the exercise's tolerance."""
+
+    atol: float
+    rtol: float
+
+    def __call__(self, a: Tensor, b: Tensor) -> bool:
+        return compare(a, b, self.atol, self.rtol) is None
+
+
+def _transposed(got: Tensor, expected: Tensor, close: _Close) -> str | None:
+    """got equals expected with its last two axes swapped."""
+    if got.ndim < 2 or got.shape[-1] != got.shape[-2] or not close(got, expected.mT):
+        return None
+    return (
+        "your output equals the reference transposed (its last two axes swapped): check "
+        "which axis is the query and which the key."
+    )
+
+
+def _mask_direction(got: Tensor, expected: Tensor, close: _Close) -> str | None:
+    """A boolean mask that only adds True entries, or only removes them."""
+    if expected.dtype != torch.bool:
+        return None
+    extra, missing = got & ~expected, ~got & expected
+    if extra.any() and not missing.any():
+        first = extra.nonzero()[0].tolist()
+        return (
+            f"your mask differs only where the reference is False: it is True at "
+            f"{int(extra.sum())} positions it must hide (the first at {first})."
+        )
+    if missing.any() and not extra.any():
+        first = missing.nonzero()[0].tolist()
+        return (
+            f"your mask differs only where the reference is True: it hides "
+            f"{int(missing.sum())} positions it must show (the first at {first})."
+        )
+    return None
+
+
+def _scaled(got: Tensor, expected: Tensor, close: _Close) -> str | None:
+    """got equals c * expected for one number c != 1 (the least-squares c)."""
+    if not expected.is_floating_point() or not torch.isfinite(got).all():
+        return None
+    norm = expected.pow(2).sum()
+    if norm == 0:
+        return None
+    factor = float((got * expected).sum() / norm)
+    if abs(factor - 1) < 1e-3 or not close(got, factor * expected):
+        return None
+    return (
+        f"your output is the reference times {factor:.4g}, everywhere: right up to a "
+        "constant factor (a scale, a mean against a sum, a missing or extra division?)."
+    )
+
+
+def _shifted(got: Tensor, expected: Tensor, close: _Close) -> str | None:
+    """got[..., i + s, ...] == expected[..., i, ...] along one axis, for the smallest |s|."""
+    for shift in range(1, max(got.shape) // 2 + 1):
+        for axis in range(got.ndim):
+            size = got.shape[axis]
+            if shift > size // 2 or size - shift < 3:  # too little overlap to tell
+                continue
+            for step in (shift, -shift):
+                ahead = got.narrow(axis, max(step, 0), size - shift)
+                behind = expected.narrow(axis, max(-step, 0), size - shift)
+                same_place = expected.narrow(axis, max(step, 0), size - shift)
+                if close(ahead, behind) and not close(ahead, same_place):
+                    return _shift_message(axis, step)
+    return None
+
+
+def _shift_message(axis: int, step: int) -> str:
+    """The shift found by `_shifted`, in words."""
+    direction = "later" if step > 0 else "earlier"
+    amount = "one position" if abs(step) == 1 else f"{abs(step)} positions (one block?)"
+    return (
+        f"your output is the reference shifted by {amount} along axis {axis}: what belongs "
+        f"at index i sits at index i {'+' if step > 0 else '-'} {abs(step)} ({direction}). "
+        "Look for an off-by-one in a position, a block number or a comparison (< against <=)."
+    )
+
+
+def _one_index(got: Tensor, expected: Tensor, close: _Close) -> str | None:
+    """All the differences lie in some heads (axis 1 of a (b, h, n, d) tensor) or in
+    one index of another axis (one query, one feature, ...)."""
+    differs = _differing(got, expected, close.atol, close.rtol)
+    if int(differs.sum()) == 1:
+        return None  # one value: the positions in the message say it all
+    for axis in range(got.ndim):
+        others = [a for a in range(got.ndim) if a != axis]
+        rows = differs.any(dim=others).nonzero().flatten().tolist() if others else []
+        if axis == 1 and got.ndim >= 4 and len(rows) < got.shape[1]:
+            which = f"head {rows[0]} differs" if len(rows) == 1 else f"heads {rows} differ"
+            return (
+                f"only {which} (axis 1); the other heads match: check how each query head "
+                "finds its key/value or importance head (h // group, not h % kv_heads)."
+            )
+        if got.shape[axis] > 1 and len(rows) == 1:
+            return (
+                f"only index {rows[0]} along axis {axis} differs; the rest matches: look at "
+                "what is special there (a first or last position, a partial block?)."
+            )
     return None
 
 

@@ -1,0 +1,62 @@
+"""Hints, one at a time: `hint("rms_norm")` shows the next hint of that exercise.
+
+Each exercise's hints go from what its shapes mean, to the rule it computes, to a
+skeleton with the details left out; none of them is the solution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nsa_tutorial.course.checks import EXERCISES
+from nsa_tutorial.course.verdict import Exercise
+
+
+@dataclass(frozen=True)
+class Hint:
+    """One hint as a learner reads it (its repr is the text a notebook shows)."""
+
+    text: str
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+class Hints:
+    """Hands out each exercise's hints in order and remembers how far each one got."""
+
+    def __init__(self, exercises: Mapping[str, Exercise]) -> None:
+        self.exercises = exercises
+        self.shown: dict[str, int] = {}
+
+    def __call__(self, name: str, number: int | None = None) -> Hint:
+        """The next hint of exercise `name`, or hint `number` (from 1) to see one again."""
+        if name not in self.exercises:
+            known = ", ".join(sorted(self.exercises))
+            raise ValueError(f"no exercise named {name!r}; the exercises are: {known}")
+        hints = self.exercises[name].hints
+        if number is None:
+            number = self.shown.get(name, 0) + 1
+        elif not 1 <= number <= len(hints):
+            raise ValueError(f"{name} has hints 1 to {len(hints)}; got number={number}")
+        if number > len(hints):
+            return Hint(self._no_more(name))
+        self.shown[name] = number
+        more = f'\n   (hint("{name}") again for hint {number + 1})' if number < len(hints) else ""
+        return Hint(f"💡 {name}, hint {number} of {len(hints)}: {hints[number - 1]}{more}")
+
+    def _no_more(self, name: str) -> str:
+        """What a call after the last hint says."""
+        exercise = self.exercises[name]
+        total = len(exercise.hints)
+        return (
+            f"💡 {name}: no more hints, you have seen all {total}. "
+            f'hint("{name}", 1) shows the first again; the solved notebook '
+            f"solutions/{exercise.stage}_*.ipynb has the answer."
+        )
+
+
+hint = Hints(EXERCISES)
