@@ -22,6 +22,7 @@ from nsa_tutorial.course import (
     stage08_triton_forward,
     stage09_triton_backward,
     stage10_whole_layer,
+    stage11_capstone,
 )
 from nsa_tutorial.course.verdict import Exercise, Verdict, run_exercise
 
@@ -37,6 +38,7 @@ STAGES: dict[str, list[Exercise]] = {
     "08": stage08_triton_forward.EXERCISES,
     "09": stage09_triton_backward.EXERCISES,
     "10": stage10_whole_layer.EXERCISES,
+    "11": stage11_capstone.EXERCISES,
 }
 EXERCISES: dict[str, Exercise] = {e.name: e for stage in STAGES.values() for e in stage}
 
