@@ -41,9 +41,6 @@ import peer_stacks  # noqa: E402
 from gpu_run import peak_gib, run_record  # noqa: E402
 
 from nsa_tutorial import SparseAttention  # noqa: E402
-from nsa_tutorial.compress import prepend_memory  # noqa: E402
-from nsa_tutorial.kernels.compressed import compressed_attention  # noqa: E402
-from nsa_tutorial.kernels.importance import top_blocks_from_keys  # noqa: E402
 
 CONFIG = dict(
     dim=2048, dim_head=128, heads=64, kv_heads=4, sliding_window_size=512,
@@ -102,9 +99,9 @@ def breakdown(model: SparseAttention, x: torch.Tensor) -> dict[str, float]:
     steps["norm + qkv"] = lambda: model.project_heads(model.norm(x))
     ck, cv = model.compressed_tokens(k, v)
     steps["compression MLP"] = lambda: model.compressed_tokens(k, v)
-    steps["compressed attention"] = lambda: compressed_kernel(q, ck, cv, model)
+    steps["compressed attention"] = lambda: model.kernel_compressed_attention(q, ck, cv)
     compressed, top = model.compressed_branch(q, ck, cv, use_kernels=True)
-    steps["importance + top-n"] = lambda: top_n(model, q, ck)
+    steps["importance + top-n"] = lambda: model.kernel_top_blocks(q, ck)
     rq, rk = model.rotate(q, use_kernels=True), model.rotate(k, use_kernels=True)
     steps["rotary, eager"] = lambda: (model.rotate(q), model.rotate(k))
     steps["rotary, kernel"] = lambda: (model.rotate(q, True), model.rotate(k, True))
@@ -119,25 +116,6 @@ def breakdown(model: SparseAttention, x: torch.Tensor) -> dict[str, float]:
         name: do_bench(step, warmup=10, rep=100, return_mode="median")
         for name, step in steps.items()
     }
-
-
-def compressed_kernel(q, ck, cv, model: SparseAttention) -> torch.Tensor:
-    """The compressed-attention kernel alone (the first half of `compressed_branch`)."""
-    memory_k, memory_v = model.compress_mem_kv
-    return compressed_attention(
-        q, prepend_memory(ck, memory_k), prepend_memory(cv, memory_v),
-        num_memory=model.num_mem_compress_kv, stride=model.compress_block_sliding_stride,
-        causal=True, scale=model.scale,
-    )  # fmt: skip
-
-
-def top_n(model: SparseAttention, q: torch.Tensor, ck: torch.Tensor) -> tuple:
-    """Importance from block keys and top-n (the second half of `compressed_branch`)."""
-    return top_blocks_from_keys(
-        q, ck, num_selected=model.num_selected_blocks, stride=model.compress_block_sliding_stride,
-        selection_block=model.selection_block_size, group_size=model.num_grouped_queries,
-        interpolate=False, causal=True, scale=model.scale,
-    )  # fmt: skip
 
 
 def branch_stacks(model: SparseAttention, n: int) -> dict[str, dict]:

@@ -237,24 +237,10 @@ class SparseAttention(nn.Module):
         kernel path (use_kernels, whole sequences) runs the Triton kernel and scores the
         selection blocks as in `nsa_tutorial.kernels.importance`.
         """
+        if use_kernels and first_query == 0:
+            return self.kernel_compressed_attention(q, ck, cv), self.kernel_top_blocks(q, ck)
         memory_k, memory_v = self.compress_mem_kv
         with_memory = prepend_memory(ck, memory_k), prepend_memory(cv, memory_v)
-        if use_kernels and first_query == 0:
-            from nsa_tutorial.kernels.compressed import compressed_attention as attention_kernel
-
-            out = attention_kernel(
-                q, *with_memory, num_memory=self.num_mem_compress_kv,
-                stride=self.compress_block_sliding_stride, causal=self.causal, scale=self.scale,
-            )  # fmt: skip
-            with self._importance_grad():
-                top = top_blocks_from_keys(
-                    q, ck, num_selected=self.num_selected_blocks,
-                    stride=self.compress_block_sliding_stride,
-                    selection_block=self.selection_block_size, group_size=self._selection_group,
-                    interpolate=self.interpolated_importance_score, causal=self.causal,
-                    scale=self.scale,
-                )  # fmt: skip
-            return out, top
         chunks = [
             self._compressed_rows(q[..., start : start + COMPRESSED_CHUNK, :], *with_memory,
                                   first_query + start)
@@ -262,6 +248,30 @@ class SparseAttention(nn.Module):
         ]  # fmt: skip
         out, values, indices = (torch.cat(parts, dim=-2) for parts in zip(*chunks, strict=True))
         return out, (values, indices)
+
+    def kernel_compressed_attention(self, q: Tensor, ck: Tensor, cv: Tensor) -> Tensor:
+        """The kernel path's compressed attention: the Triton kernel over memory + ck, cv
+        (b, kv_heads, w, d) for the whole sequence q (b, h, n, d) -> (b, h, n, d)."""
+        from nsa_tutorial.kernels.compressed import compressed_attention as attention_kernel
+
+        memory_k, memory_v = self.compress_mem_kv
+        return attention_kernel(
+            q, prepend_memory(ck, memory_k), prepend_memory(cv, memory_v),
+            num_memory=self.num_mem_compress_kv, stride=self.compress_block_sliding_stride,
+            causal=self.causal, scale=self.scale,
+        )  # fmt: skip
+
+    def kernel_top_blocks(self, q: Tensor, ck: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernel path's top-n (values, indices) (b, h_sel, n, s): importance from
+        block keys (`nsa_tutorial.kernels.importance`), no (n, w) tensor."""
+        with self._importance_grad():
+            return top_blocks_from_keys(
+                q, ck, num_selected=self.num_selected_blocks,
+                stride=self.compress_block_sliding_stride,
+                selection_block=self.selection_block_size, group_size=self._selection_group,
+                interpolate=self.interpolated_importance_score, causal=self.causal,
+                scale=self.scale,
+            )  # fmt: skip
 
     @property
     def _selection_group(self) -> int | None:
