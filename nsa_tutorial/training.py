@@ -10,7 +10,8 @@
 - A character-level corpus every machine has offline: the Python standard library's
   own source files.
 - `layer_inputs`, `selected_blocks`, `branch_gates`: what a trained SparseAttention
-  layer reads, and how its three gates split (Eq. 5).
+  layer reads, and how its three gates split (Eq. 5); `top_selected_block`: the block a
+  head ranks first at a query.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from nsa_tutorial.attention import SparseAttention
 from nsa_tutorial.compress import compressed_attention, prepend_memory
 from nsa_tutorial.importance import importance_scores
+from nsa_tutorial.selection import SELECTED_THRESHOLD, top_blocks
 from nsa_tutorial.validation import require_positive_int
 
 IGNORE = -100  # targets at positions that are not answers (cross_entropy's ignore_index)
@@ -384,6 +386,21 @@ def selected_blocks(layer: SparseAttention, x: Tensor) -> tuple[Tensor, Tensor]:
     q, k, v = layer.project_heads(layer.norm(x))
     _, top = layer.compressed_branch(q, *layer.compressed_tokens(k, v))
     return top
+
+
+def top_selected_block(importance: Tensor, queries: Tensor, block_size: int) -> Tensor:
+    """The block each head ranks first at one query per sequence: importance (b, h, n, w)
+    from `block_importance`, queries (b,) positions -> (b, h) long, -1 where the head
+    selects nothing. Candidates are the blocks before the query's own block whose
+    importance is above SELECTED_THRESHOLD, ranked by the layer's own top-k (which leaves
+    the order of exact ties open; real importances do not tie)."""
+    rows = torch.arange(importance.shape[0], device=importance.device)
+    scores = importance[rows, :, queries]  # (b, h, w): sequence r at its query queries[r]
+    blocks = torch.arange(scores.shape[-1], device=importance.device)
+    before_own = blocks < rearrange(queries // block_size, "b -> b 1 1")  # (b, 1, w)
+    values, indices = top_blocks(scores.masked_fill(~before_own, 0.0), 1)  # (b, h, 1)
+    picked = values[..., 0] > SELECTED_THRESHOLD
+    return torch.where(picked, indices[..., 0], torch.full_like(indices[..., 0], -1))
 
 
 @torch.no_grad()

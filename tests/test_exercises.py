@@ -113,6 +113,7 @@ PACKAGE = {
     ],
     "needle_targets": [training.needle_targets],
     "answer_accuracy": [training.answer_accuracy],
+    "top_selected_block": [training.top_selected_block],
 }
 
 

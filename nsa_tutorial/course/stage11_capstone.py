@@ -1,19 +1,24 @@
-"""Checks for notebook 11: the capstone's training batch and its accuracy.
+"""Checks for notebook 11: the capstone's training batch, its accuracy, and a look
+inside the trained layer.
 
-Two exercises:
+Three exercises:
 
 - `needle_targets`: the targets of a needle-task batch: the sequence's value at every
   query marker, the ignore index everywhere else;
 - `answer_accuracy`: the fraction of answer positions (targets != ignore index) whose
-  top logit is the target.
+  top logit is the target;
+- `top_selected_block`: the block a trained head ranks first at a query, among the
+  blocks its selection branch may pick (-1 where it picks none).
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+from nsa_tutorial.selection import SELECTED_THRESHOLD
 
 # ---- exercise A: the targets of a batch -------------------------------------------------
 
@@ -192,4 +197,179 @@ ANSWER_ACCURACY = Exercise(
     ),
 )
 
-EXERCISES = [NEEDLE_TARGETS, ANSWER_ACCURACY]
+
+# ---- exercise C: the top selected block of a trained head -------------------------------
+
+
+def top_selected_block_spec(importance: Tensor, queries: Tensor, block_size: int) -> Tensor:
+    """(b, h) long: for sequence r and head, at its query t = queries[r], the block j with
+    the largest importance[r, head, t, j] among the blocks before t's own block
+    (j < t // block_size) whose importance is above SELECTED_THRESHOLD; the first on a
+    tie; -1 where there is none. Those are the blocks the selection branch's top-k may
+    pick (notebook 04): the own block is always attended, later ones are the future."""
+    b, h, _, w = importance.shape
+    best = torch.full((b, h), -1, dtype=torch.long)
+    for row in range(b):
+        t = int(queries[row])
+        for head in range(h):
+            top = SELECTED_THRESHOLD
+            for block in range(min(t // block_size, w)):
+                if importance[row, head, t, block] > top:
+                    best[row, head], top = block, importance[row, head, t, block]
+    return best
+
+
+def _importance_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(112)
+
+    def case(n, block_size, heads, queries, empty=()):
+        """Random importance; at each query, later blocks score highest and its own block
+        next (as raw scores before the causal rule would); the rows in `empty` have no
+        candidate above zero."""
+        b, w = len(queries), n // block_size
+        importance = torch.rand(b, heads, n, w, generator=g)
+        for row, t in enumerate(queries):
+            own = t // block_size
+            importance[row, :, t, own:] += 1.0
+            importance[row, :, t, own + 1 :] += 1.0
+            if row in empty:
+                importance[row, :, t, :own] = 0.0
+        return Case((importance, torch.tensor(queries), block_size))
+
+    return [
+        case(32, 8, 2, [26, 15, 31]),  # t = 15, 31: the last token of their own block
+        case(48, 8, 3, [47, 30, 41, 17]),  # heads that disagree
+        case(30, 8, 2, [27, 5, 20], empty=(2,)),  # partial last block; nothing to pick
+        case(64, 16, 4, [63, 40], empty=(0,)),  # 4 heads, larger blocks
+    ]
+
+
+def _query_rows(importance: Tensor, queries: Tensor) -> Tensor:
+    """(b, h, w): each sequence's importance at its own query."""
+    return importance[torch.arange(importance.shape[0]), :, queries]
+
+
+def _best_block(scores: Tensor, candidate: Tensor, none: int = -1) -> Tensor:
+    """The first largest candidate score's block (last axis), `none` where no candidate
+    scores above the threshold."""
+    best, index = scores.masked_fill(~candidate, 0.0).max(dim=-1)
+    return torch.where(best > SELECTED_THRESHOLD, index, none)
+
+
+def _before(queries: Tensor, block_size: int, w: int, shift: int = 0) -> Tensor:
+    """(b, 1, w) bool: the blocks before each query's own block (+ shift blocks)."""
+    own = queries // block_size + shift
+    return rearrange(torch.arange(w) < own[:, None], "b w -> b 1 w")
+
+
+def _every_row_at_every_query(importance, queries, block_size):
+    """importance[:, :, queries] reads each sequence at every sequence's query."""
+    scores = importance[:, :, queries]  # (b, h, b, w)
+    candidate = torch.arange(scores.shape[-1]) < (queries // block_size)[:, None]
+    return _best_block(scores, candidate)
+
+
+def _best_head(importance, queries, block_size):
+    """The argmax over the wrong axis: the best head for each block."""
+    scores = _query_rows(importance, queries)
+    candidate = _before(queries, block_size, scores.shape[-1])
+    return scores.masked_fill(~candidate, 0.0).argmax(dim=1)  # (b, w): over the heads
+
+
+def _no_causal_rule(importance, queries, block_size):
+    """Every block a candidate, the own block and the future included."""
+    scores = _query_rows(importance, queries)
+    return _best_block(scores, torch.ones_like(scores, dtype=torch.bool))
+
+
+def _own_block_too(importance, queries, block_size):
+    """j <= t // block_size: the future hidden, the own block not."""
+    scores = _query_rows(importance, queries)
+    return _best_block(scores, _before(queries, block_size, scores.shape[-1], shift=1))
+
+
+def _block_zero_for_none(importance, queries, block_size):
+    """The masked argmax alone: block 0 where nothing may be picked."""
+    scores = _query_rows(importance, queries)
+    candidate = _before(queries, block_size, scores.shape[-1])
+    return scores.masked_fill(~candidate, 0.0).argmax(dim=-1)
+
+
+def _heads_averaged(importance, queries, block_size):
+    """One answer for all heads, from their mean importance."""
+    scores = _query_rows(importance, queries).mean(dim=1, keepdim=True)  # (b, 1, w)
+    best = _best_block(scores, _before(queries, block_size, scores.shape[-1]))
+    return best.expand(-1, importance.shape[1])
+
+
+def _first_query_for_all(importance, queries, block_size):
+    """Every sequence read at the first sequence's query."""
+    return top_selected_block_spec(importance, queries[:1].expand_as(queries), block_size)
+
+
+TOP_SELECTED_BLOCK = Exercise(
+    name="top_selected_block",
+    stage="11",
+    hints=(
+        "importance is (b, h, n, w), as block_importance returns it: for each sequence, "
+        "selection head and query position, the importance of each of the w selection "
+        "blocks. queries (b,) holds one query position per sequence. The result is (b, h) "
+        "long: one block number per sequence and head.",
+        (
+            "the rule, as the selection branch sees it: the query at t = queries[r] may pick "
+            "only blocks before its own, block t // block_size (its own block is always "
+            "attended, later ones are the future), and only one whose importance is above "
+            "SELECTED_THRESHOLD (1e-10), or fine attention skips it. The largest of those, "
+            "the first on a tie; -1 where there is none."
+        ),
+        (
+            "a skeleton:\n"
+            "    scores = importance[torch.arange(...), :, queries]  # (b, h, w): r at queries[r]\n"
+            "    candidate = torch.arange(w) < ...  # (b, 1, w)\n"
+            "    best, block = scores.masked_fill(..., 0.0).max(dim=...)  # the first on a tie\n"
+            "    return torch.where(..., block, -1)"
+        ),
+    ),
+    spec=top_selected_block_spec,
+    make_cases=_importance_cases,
+    mistakes=(
+        Mistake(
+            "importance[:, :, queries] reads every sequence at every sequence's query "
+            "((b, h, b, w)); pair row r with queries[r]: importance[torch.arange(b), :, queries].",
+            _every_row_at_every_query,
+        ),
+        Mistake(
+            "that is the best head of each block (argmax over the heads, axis 1); rank the "
+            "blocks (the last axis) of each head instead: the result is (b, h).",
+            _best_head,
+        ),
+        Mistake(
+            "only blocks before the query's own block are candidates: its own block and "
+            "later ones (the future) are never among the selection's top-k.",
+            _no_causal_rule,
+        ),
+        Mistake(
+            "the query's own block t // block_size is not a candidate: fine attention always "
+            "reads it (the block-causal diagonal), so top-k never ranks it. Keep j < t // "
+            "block_size, not <=.",
+            _own_block_too,
+        ),
+        Mistake(
+            "a query with no candidate block above the threshold (the first block's queries, "
+            "or all zeros) selects nothing: return -1 there, not block 0.",
+            _block_zero_for_none,
+        ),
+        Mistake(
+            "each head ranks its own blocks: do not average over the heads (axis 1) first; "
+            "the heads select apart, and their picks differ.",
+            _heads_averaged,
+        ),
+        Mistake(
+            "each sequence has its own query position: row r reads importance[r, :, "
+            "queries[r]], not everyone at queries[0].",
+            _first_query_for_all,
+        ),
+    ),
+)
+
+EXERCISES = [NEEDLE_TARGETS, ANSWER_ACCURACY, TOP_SELECTED_BLOCK]
