@@ -5,6 +5,8 @@ small; on a GPU the same tests run compiled. The reference is `fine_attention_ga
 in float64 on the same (rounded) inputs.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from kernel_checks import DEVICE, assert_close_in_half_precision
@@ -15,7 +17,19 @@ from nsa_tutorial.fine_attention import fine_attention_gathered
 kernels = pytest.importorskip("nsa_tutorial.kernels.selection")
 invert_selection, selection_attention = kernels.invert_selection, kernels.selection_attention
 visible_blocks = kernels.visible_blocks
+# how the forward and dq kernels take each query tile: all by the shared-tile kernels, or
+# all by the per-token walk; with "tiles", the dk, dv kernel also cuts each key block's
+# readers into chunks of 4 (so most blocks are split and summed afterwards)
+PATHS = {"tiles": float("inf"), "walk": -1.0}
 
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    """Run the test with every tile on one path (see PATHS)."""
+    monkeypatch.setattr(kernels, "TILE_COST_LIMIT", PATHS[request.param])
+    if request.param == "tiles":
+        monkeypatch.setitem(kernels.LAUNCH, "dkv", replace(kernels.LAUNCH["dkv"], chunk=4))
+    return request.param
 
 
 def random_problem(b, hk, group, n, d, block, s, shared, dtype, seed, drop=0.3):
@@ -59,7 +73,7 @@ CASES = [
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"hk{c[0]}-g{c[1]}-n{c[2]}-d{c[3]}-l{c[4]}")
-def test_forward_and_gradients_match_pytorch(case, causal, gated):
+def test_forward_and_gradients_match_pytorch(case, causal, gated, path):
     hk, group, n, d, block, s, shared = case
     q, k, v, indices, selected, gates = random_problem(
         2, hk, group, n, d, block, s, shared, torch.float32, seed=n * 7 + d
@@ -104,7 +118,7 @@ def test_wide_heads(d):
         torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
 
 
-def test_every_slot_dropped():
+def test_every_slot_dropped(path):
     """Causal: each query still sees its own block. Not causal: it sees nothing, gets 0,
     and passes no gradient."""
     q, k, v, indices, _, _ = random_problem(1, 1, 2, 24, 16, 8, 2, True, torch.float32, 9)
@@ -118,7 +132,7 @@ def test_every_slot_dropped():
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(out.sum(), inputs))
 
 
-def test_int32_indices_and_a_block_selected_twice():
+def test_int32_indices_and_a_block_selected_twice(path):
     """int32 indices work; a block listed in two slots counts twice, as in the PyTorch path."""
     q, k, v, indices, selected, gates = random_problem(
         1, 1, 2, 40, 16, 8, 3, True, torch.float32, 11
@@ -154,6 +168,72 @@ def test_invert_selection_lists_each_blocks_readers():
             start, end = offsets[bh * 5 + j], offsets[bh * 5 + j + 1]
             readers = [p for p in range(21) if per_head[p] == j]  # t * s + slot, in order
             assert entries[start:end].tolist() == readers
+
+
+def test_plan_tiles_codes_a_repeated_block_apart():
+    """Each read slot's code is its block + num_blocks * the earlier slots with that block;
+    unread slots (not selected, or not before the own block when causal) are -1."""
+    # 1 batch-head, 5 tokens of 4 slots, blocks of 1 token: 5 blocks, token t owns block t
+    indices = torch.tensor([[[[3, 1, 3, 0], [4, 0, 0, 0], [0, 2, 1, 0], [3, 3, 3, 1],
+                              [2, 4, 2, 2]]]])  # fmt: skip
+    selected = torch.ones_like(indices, dtype=torch.bool)
+    selected[0, 0, 0, 3] = selected[0, 0, 4, 2] = False
+    indices, selected = indices.to(DEVICE), selected.to(DEVICE)
+    settings = dict(block_size=1, tokens=2, rows=2, block_g=1, limit=1.0)
+    plan = kernels.plan_tiles(indices, selected, causal=False, **settings)
+    assert plan.codes.tolist() == [[[[3, 1, 8, -1], [4, 0, 5, 10], [0, 2, 1, 5],
+                                     [3, 8, 13, 1], [2, 4, -1, 7]]]]  # fmt: skip
+    causal = kernels.plan_tiles(indices, selected, causal=True, **settings)
+    assert causal.codes.tolist() == [[[[-1, -1, -1, -1], [-1, 0, 5, 10], [0, -1, 1, 5],
+                                       [-1, -1, -1, 1], [2, -1, -1, 7]]]]  # fmt: skip
+
+
+def test_plan_tiles_merges_each_tiles_blocks_and_picks_its_kernel():
+    # 1 batch-head, 5 tokens of 2 slots, tiles of 2 tokens (the last one partial)
+    indices = torch.tensor([[[[4, 1], [1, 4], [0, 2], [3, 5], [0, 6]]]])
+    selected = indices >= 0
+    selected[0, 0, 4, 0] = False
+    indices, selected = indices.to(DEVICE), selected.to(DEVICE)
+    plan = kernels.plan_tiles(indices, selected, block_size=1, causal=False, tokens=2,
+                              rows=2, block_g=1, limit=1.0)  # fmt: skip
+    assert plan.counts.tolist() == [[2, 4, 1]]
+    assert [sorted(u[:c].tolist()) for u, c in zip(plan.union[0], plan.counts[0], strict=True)] == [
+        [1, 4], [0, 2, 3, 5], [6]
+    ]
+    # shared where distinct blocks x rows <= limit x read slots x block_g: 4 <= 4, 8 > 4, 2 > 1
+    assert plan.shared.tolist() == [[1, 0, 0]]
+
+
+def test_chunk_readers_splits_only_heavy_blocks():
+    offsets = torch.tensor([0, 9, 9, 12, 20], dtype=torch.int32, device=DEVICE)  # read 9, 0, 3, 8
+    chunks = kernels.chunk_readers(offsets, chunk=4)
+    assert chunks.owners.tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert chunks.parts.tolist() == [0, 1, 2, 0, 0, 0, 1]
+    assert chunks.slots.tolist() == [0, 1, 2, -1, -1, 3, 4]
+    assert chunks.chunks.tolist() == [3, 1, 1, 2]
+    assert chunks.first.tolist() == [0, 3, 3, 3]
+    assert chunks.num_partials == 5
+
+
+def test_split_key_blocks_give_the_same_gradients_every_time(monkeypatch):
+    """Block 0, read by every token, is split into chunks; their sum is taken in a fixed
+    order, so two runs agree to the bit, and with the unsplit run to rounding."""
+    q, k, v, indices, selected, gates = random_problem(
+        1, 1, 4, 48, 16, 8, 3, True, torch.float32, seed=21, drop=0.0
+    )
+    indices[..., 0] = 0
+    leaves = [t.requires_grad_() for t in (q, k, v, gates)]
+
+    def gradients():
+        out = selection_attention(q, k, v, indices, selected, block_size=8, gates=gates)
+        return torch.autograd.grad(out.sum(), leaves)
+
+    whole = gradients()
+    monkeypatch.setitem(kernels.LAUNCH, "dkv", replace(kernels.LAUNCH["dkv"], chunk=5))
+    first, second = gradients(), gradients()
+    for a, b, c in zip(first, second, whole, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
