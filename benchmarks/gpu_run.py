@@ -25,7 +25,7 @@ def run_record(**fields: object) -> dict:
     """The command that ran, the device and the versions, then `fields`."""
     return {
         "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),

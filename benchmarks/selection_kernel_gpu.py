@@ -90,10 +90,12 @@ def fla_inputs(q, k, v, indices, selected):
     return q, k, v, blocks
 
 
-def fla(q, k, v, blocks):
+def fla(q, k, v, blocks, block_counts=SELECTED, block_size=BLOCK):
     from fla.ops.nsa import parallel_nsa
 
-    return parallel_nsa(q, k, v, block_indices=blocks, block_counts=SELECTED, block_size=BLOCK)
+    return parallel_nsa(
+        q, k, v, block_indices=blocks, block_counts=block_counts, block_size=block_size
+    )
 
 
 def relative_error(actual, expected) -> float:
@@ -181,25 +183,26 @@ def passes(n: int) -> dict:
     q, k, v, indices, selected, grad_out = make_inputs(n)
     scale = DIM**-0.5
     num_blocks = math.ceil(n / BLOCK)
+    group = HEADS // KV_HEADS
 
-    mask_bytes = selected.view(torch.uint8)
-    out, lse = kernel._forward(q, k, v, indices, mask_bytes, None, BLOCK, True, scale)
-    _, _, delta = kernel._backward_dq(q, k, v, out, grad_out, lse, indices, mask_bytes, None,
-                                      BLOCK, True, scale)
-    blocks = kernel.visible_blocks(indices, selected, block_size=BLOCK, causal=True)
+    def plan():
+        return kernel.make_plan(indices, selected, group, BLOCK, DIM, True)
+
+    tiles = plan()
+    out, lse = kernel._forward(q, k, v, tiles, None, BLOCK, True, scale)
+    _, _, delta = kernel._backward_dq(q, k, v, out, grad_out, lse, tiles, None, BLOCK, True,
+                                      scale)  # fmt: skip
+    blocks = torch.where(tiles.codes >= 0, tiles.codes % num_blocks, kernel.NO_BLOCK)
     index = kernel.invert_selection(blocks, num_blocks)
     return {
-        "forward_kernel": lambda: kernel._forward(q, k, v, indices, mask_bytes, None, BLOCK, True,
-                                                  scale),
-        "dq_kernel": lambda: kernel._backward_dq(q, k, v, out, grad_out, lse, indices, mask_bytes,
-                                                 None, BLOCK, True, scale),
-        "read_blocks": lambda: kernel.visible_blocks(
-            indices, selected, block_size=BLOCK, causal=True
-        ),
+        "tile_plan": plan,
+        "forward_kernel": lambda: kernel._forward(q, k, v, tiles, None, BLOCK, True, scale),
+        "dq_kernel": lambda: kernel._backward_dq(q, k, v, out, grad_out, lse, tiles, None, BLOCK,
+                                                 True, scale),
         "inverted_index": lambda: kernel.invert_selection(blocks, num_blocks),
-        "dkv_kernel": lambda: kernel._backward_dkv(q, k, v, grad_out, lse, delta, blocks, None,
+        "dkv_kernel": lambda: kernel._backward_dkv(q, k, v, grad_out, lse, delta, SELECTED, None,
                                                    BLOCK, True, scale, index),
-    }
+    }  # fmt: skip
 
 
 # (num_warps, num_stages) of the forward and dq kernels; (num_warps, num_stages, rows) of dkv
@@ -221,7 +224,9 @@ def sweep(n: int) -> dict:
             results[f"{kind}_kernel"][f"num_warps={warps} num_stages={stages}"] = ms
             print(f"  {kind:8s} warps {warps} stages {stages}: {ms:.2f} ms", flush=True)
     for warps, stages, rows in DKV_VARIANTS:
-        kernel.LAUNCH["dkv"] = kernel.Launch(num_warps=warps, num_stages=stages, rows=rows)
+        kernel.LAUNCH["dkv"] = dataclasses.replace(
+            chosen["dkv"], num_warps=warps, num_stages=stages, rows=rows
+        )
         ms = time_ms(timers["dkv_kernel"])
         results["dkv_kernel"][f"num_warps={warps} num_stages={stages} rows={rows}"] = ms
         print(f"  dkv      warps {warps} stages {stages} rows {rows}: {ms:.2f} ms", flush=True)

@@ -1,0 +1,194 @@
+"""How the selection kernel's new settings were chosen (issue 13): two rounds on an H200.
+
+Run from the repository root with the kernel before issue 13 saved as a file:
+
+    git show f7848b3:nsa_tutorial/kernels/selection.py > .bench/selection_today.py
+    OUT=benchmarks python benchmarks/selection_tuning_gpu.py --round 1   # or --round 2
+
+writes $OUT/tune.json (committed as selection_tuning_round1_gpu.json and
+selection_tuning_round2_gpu.json). Issue 7's shape (64 query heads, 4 kv heads, d 128,
+blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier kernel.
+
+- Round 1 ran on a work-in-progress of the new kernel (its tile plan built by PyTorch
+  sorts, each distinct block's number loaded from memory inside the loop): the tile
+  kernels' rows, warps and stages (rows 64, 4 warps, 2 stages chosen), TILE_COST_LIMIT,
+  and the dk, dv chunk (2048 chosen; `1 << 30` is the unsplit backward).
+- Round 2 ran on the committed kernel (the plan in one Triton pass, the distinct blocks
+  held in registers): today against new on every pattern at 16k and 64k, the cost of
+  the plan, the inverted index and the chunking, TILE_COST_LIMIT again (2.5 chosen), and
+  GQA groups 1, 2, 4, 16 with SDPA beside them.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+
+sys.path[:0] = [".", "tests", "benchmarks"]
+import torch  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from nsa_tutorial.kernels import patterns as P  # noqa: E402
+from nsa_tutorial.kernels import selection as K  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+
+
+def load_today():
+    spec = importlib.util.spec_from_file_location("old", ".bench/selection_today.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def inputs(n, pattern, hq=64, hk=4, d=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(1, hk, n, d, device="cuda", generator=g).bfloat16() for _ in "kv")
+    idx, sel = P.PATTERNS[pattern](1, hk, n, block_size=64, num_selected=16, generator=g,
+                                   device="cuda")
+    return q, k, v, idx, sel, torch.randn_like(q)
+
+
+def t(fn, grads=None):
+    return do_bench(fn, warmup=25, rep=150, grad_to_none=grads, return_mode="median")
+
+
+def fwd_bwd(mod, q, k, v, idx, sel, go):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+
+    def step():
+        out = mod.selection_attention(*leaves, idx, sel, block_size=64, check_indices=False)
+        out.backward(go)
+
+    return t(step, leaves)
+
+
+def fwd(mod, q, k, v, idx, sel):
+    return t(lambda: mod.selection_attention(q, k, v, idx, sel, block_size=64,
+                                             check_indices=False))
+
+
+def check(old, n=2048, pattern="local_shared"):
+    """New against today at each TILE_COST_LIMIT: relative errors of out, dq, dk, dv."""
+    q, k, v, idx, sel, go = inputs(n, pattern, seed=3)
+    out = {}
+
+    def rel(x, y):
+        return ((x.double() - y.double()).norm() / y.double().norm()).item()
+
+    chosen = K.TILE_COST_LIMIT
+    for limit in (-1.0, float("inf"), chosen):
+        K.TILE_COST_LIMIT = limit
+        a = [x.clone().requires_grad_() for x in (q, k, v)]
+        b = [x.clone().requires_grad_() for x in (q, k, v)]
+        oa = K.selection_attention(*a, idx, sel, block_size=64)
+        ob = old.selection_attention(*b, idx, sel, block_size=64)
+        ga, gb = torch.autograd.grad(oa, a, go), torch.autograd.grad(ob, b, go)
+        out[str(limit)] = [rel(oa, ob)] + [rel(x, y) for x, y in zip(ga, gb, strict=True)]
+    K.TILE_COST_LIMIT = chosen
+    return out
+
+
+def today_against_new(old, res, lengths, extras):
+    rows = []
+    for n in lengths:
+        for pattern in P.PATTERNS:
+            q, k, v, idx, sel, go = inputs(n, pattern)
+            r = dict(n=n, pattern=pattern, today_fwd=fwd(old, q, k, v, idx, sel),
+                     new_fwd=fwd(K, q, k, v, idx, sel),
+                     today_fb=fwd_bwd(old, q, k, v, idx, sel, go),
+                     new_fb=fwd_bwd(K, q, k, v, idx, sel, go))  # fmt: skip
+            if extras and n == 65536:
+                plan = K.make_plan(idx, sel, 16, 64, 128, True)
+                r["plan_ms"] = t(lambda: K.make_plan(idx, sel, 16, 64, 128, True))  # noqa: B023
+                r["shared_tiles"] = plan.shared.float().mean().item()
+                blocks = torch.where(plan.codes >= 0, plan.codes % 1024, -1)
+                r["invert_ms"] = t(lambda: K.invert_selection(blocks, 1024))  # noqa: B023
+                _, offsets = K.invert_selection(blocks, 1024)
+                r["chunks_ms"] = t(lambda: K.chunk_readers(offsets, 2048))  # noqa: B023
+            print(r, flush=True)
+            rows.append(r)
+    res["today_vs_new"] = rows
+
+
+def limits(res, sweep, values, with_backward):
+    for pattern in ("local_shared", "uniform_random"):
+        q, k, v, idx, sel, go = inputs(65536, pattern)
+        chosen = K.TILE_COST_LIMIT
+        for limit in values:
+            K.TILE_COST_LIMIT = limit
+            sweep[f"{pattern} limit={limit} fwd"] = fwd(K, q, k, v, idx, sel)
+            if with_backward:
+                sweep[f"{pattern} limit={limit} fb"] = fwd_bwd(K, q, k, v, idx, sel, go)
+        K.TILE_COST_LIMIT = chosen
+
+
+def tile_launches(sweep):
+    q, k, v, idx, sel, go = inputs(65536, "local_shared")
+    chosen, base_f, base_q = K.TILE_COST_LIMIT, K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"]
+    K.TILE_COST_LIMIT = float("inf")
+    for rows, warps, stages in [(32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2),
+                                (64, 4, 3), (64, 4, 1)]:  # fmt: skip
+        K.LAUNCH["tile_forward"] = K.Launch(warps, stages, rows=rows)
+        K.LAUNCH["tile_dq"] = K.Launch(warps, stages)
+        name = f"local_shared tiles rows={rows} warps={warps} stages={stages}"
+        sweep[f"{name} fwd"] = fwd(K, q, k, v, idx, sel)
+        sweep[f"{name} fb"] = fwd_bwd(K, q, k, v, idx, sel, go)
+    K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT = base_f, base_q, chosen
+
+
+def chunks(sweep):
+    for pattern in ("hot_block", "uniform_random", "local_shared"):
+        q, k, v, idx, sel, go = inputs(65536, pattern)
+        base = K.LAUNCH["dkv"]
+        for chunk in (256, 512, 1024, 2048, 4096, 1 << 30):
+            K.LAUNCH["dkv"] = dataclasses.replace(base, chunk=chunk)
+            sweep[f"{pattern} chunk={chunk} fb"] = fwd_bwd(K, q, k, v, idx, sel, go)
+        K.LAUNCH["dkv"] = base
+
+
+def groups(old, res, shapes, patterns):
+    rows = []
+    for hq, hk in shapes:
+        for pattern in patterns:
+            q, k, v, idx, sel, go = inputs(65536, pattern, hq=hq, hk=hk)
+            r = dict(group=hq // hk, pattern=pattern, today_fwd=fwd(old, q, k, v, idx, sel),
+                     new_fwd=fwd(K, q, k, v, idx, sel),
+                     today_fb=fwd_bwd(old, q, k, v, idx, sel, go),
+                     new_fb=fwd_bwd(K, q, k, v, idx, sel, go))  # fmt: skip
+            r["sdpa_fwd"] = t(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True))  # noqa: B023
+            print(r, flush=True)
+            rows.append(r)
+    res["groups"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--round", type=int, choices=(1, 2), required=True)
+    args = parser.parse_args()
+    old, res, sweep = load_today(), {}, {}
+    res["check_vs_today"] = check(old)
+    if args.round == 1:
+        today_against_new(old, res, (16384, 65536), extras=False)
+        limits(res, sweep, (-1.0, 1.0, 1.5, 2.5, float("inf")), with_backward=False)
+        tile_launches(sweep)
+        chunks(sweep)
+        res["sweep"] = sweep
+        groups(old, res, ((4, 4), (16, 4), (64, 4)), ("local_shared", "uniform_random"))
+    else:
+        today_against_new(old, res, (16384, 65536), extras=True)
+        limits(res, sweep, (-1.0, 2.5, 4.0, float("inf")), with_backward=True)
+        res["sweep"] = sweep
+        groups(old, res, ((4, 4), (8, 4), (16, 4), (64, 4)),
+               ("local_shared", "uniform_random", "hot_block"))
+    with open(f"{OUT}/tune.json", "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
