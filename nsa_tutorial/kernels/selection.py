@@ -334,6 +334,18 @@ def _tile_program(
 
 
 @triton.jit
+def _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS: tl.constexpr,
+                S_PAD: tl.constexpr, HAS_GATES: tl.constexpr):
+    """What both shared-tile kernels read once: the rows' gates (ROWS, S_PAD; 0.0 without
+    gates), the tile's distinct codes (TOKENS * S_PAD,) and their places."""
+    gates = 0.0
+    if HAS_GATES:
+        gates = tl.load(GATES + slot_offsets, mask=slot_ok, other=0.0).to(tl.float32)
+    places = tl.arange(0, TOKENS * S_PAD)
+    return gates, tl.load(UNION + plan * TOKENS * S_PAD + places), places
+
+
+@triton.jit
 def _union_block(union, places, u, num_blocks, codes, gates, HAS_GATES: tl.constexpr):
     """The tile's u-th distinct block (of `union`, held in registers so that the loop has
     no load to wait for before it can fetch the block): its number, which rows' slots
@@ -383,15 +395,11 @@ def _tile_forward_kernel(
     if elsewhere:
         return
     q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (ROWS, D)
-    gates = 0.0
-    if HAS_GATES:
-        gates = tl.load(GATES + slot_offsets, mask=slot_ok, other=0.0).to(tl.float32)
-
+    gates, union, places = _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS, S_PAD,
+                                       HAS_GATES)
     m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
     total = tl.zeros([TOKENS * G_PAD], tl.float32)
     acc = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
-    places = tl.arange(0, TOKENS * S_PAD)
-    union = tl.load(UNION + plan * TOKENS * S_PAD + places)
     for u in range(tl.load(COUNTS + plan)):
         block, _, sees, gate = _union_block(union, places, u, num_blocks, codes, gates,
                                             HAS_GATES)
@@ -436,14 +444,10 @@ def _tile_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(DELTA + rows, delta, mask=row_ok)
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
-    gates = 0.0
-    if HAS_GATES:
-        gates = tl.load(GATES + slot_offsets, mask=slot_ok, other=0.0).to(tl.float32)
-
+    gates, union, places = _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS, S_PAD,
+                                       HAS_GATES)
     dq = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
     dgates = tl.zeros([TOKENS * G_PAD, S_PAD], tl.float32)  # per row and slot
-    places = tl.arange(0, TOKENS * S_PAD)
-    union = tl.load(UNION + plan * TOKENS * S_PAD + places)
     for u in range(tl.load(COUNTS + plan)):
         block, picked, sees, gate = _union_block(union, places, u, num_blocks, codes, gates,
                                                  HAS_GATES)
