@@ -19,9 +19,14 @@ $(INSTALLED): pyproject.toml $(LOCK)
 # JupyterLab refuses to run as root (containers) unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-## make lab: open the course in JupyterLab, on notebook 00 (LAB_ARGS="--port=..." to add options)
+# COURSE_LANG=zh: the Chinese notebooks (notebooks_zh/); English (notebooks/) otherwise.
+COURSE_LANG ?= en
+LAB_FOLDER := $(if $(filter zh,$(COURSE_LANG)),notebooks_zh,notebooks)
+
+## make lab: open the course in JupyterLab, on notebook 00 (LAB_ARGS="--port=..." to add
+## options; COURSE_LANG=zh for the Chinese edition)
 lab: $(INSTALLED)
-	$(BIN)/jupyter lab --LabApp.default_url=/lab/tree/notebooks/00_welcome.ipynb \
+	$(BIN)/jupyter lab --LabApp.default_url=/lab/tree/$(LAB_FOLDER)/00_welcome.ipynb \
 		$(ROOT_FLAG) $(LAB_ARGS)
 
 ## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/,
@@ -47,7 +52,7 @@ check: $(INSTALLED)
 progress: $(INSTALLED)
 	@$(BIN)/python -m nsa_tutorial.course progress $(if $(STRICT),--strict)
 
-## make exercises: regenerate notebooks/ from solutions/
+## make exercises: regenerate notebooks/ (and notebooks_zh/) from solutions/
 exercises: $(INSTALLED)
 	$(BIN)/python -m nsa_tutorial.course exercises
 

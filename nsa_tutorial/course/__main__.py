@@ -1,7 +1,9 @@
 """Course tooling from the shell.
 
-python -m nsa_tutorial.course exercises          regenerate notebooks/ from solutions/
-python -m nsa_tutorial.course exercises --check  fail if notebooks/ is stale
+python -m nsa_tutorial.course exercises          regenerate notebooks/ (and notebooks_zh/)
+python -m nsa_tutorial.course exercises --check  fail if notebooks/ or notebooks_zh/ is stale
+python -m nsa_tutorial.course translations       stale, missing or code-changing translations
+python -m nsa_tutorial.course translations --todo PATH   a solution's cells left to translate
 python -m nsa_tutorial.course execute PATH...    re-run solution notebooks, save outputs
 python -m nsa_tutorial.course env                check this machine for the course
 python -m nsa_tutorial.course check NB           check the exercises of notebooks/NB_*.ipynb
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from nsa_tutorial.course import notebooks
+from nsa_tutorial.course.translations import FOLDERS
 
 STRICT_HELP = "exit 1 unless every exercise passes"
 
@@ -30,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     exercises.add_argument("--check", action="store_true", help="only report stale notebooks")
     execute = commands.add_parser("execute", help="re-execute notebooks in place")
     execute.add_argument("paths", nargs="+", type=Path)
+    translations = commands.add_parser("translations", help="check the translations")
+    translations.add_argument("--lang", default="zh", choices=sorted(FOLDERS))
+    translations.add_argument("--todo", type=Path, metavar="PATH",
+                              help="print a solution notebook's cells left to translate (JSON)")
     commands.add_parser("env", help="check this machine for the course")
     check = commands.add_parser("check", help="check the exercises of notebooks/NB_*.ipynb")
     check.add_argument("notebook", metavar="NB", help="the notebook's number, e.g. 02")
@@ -41,13 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("check", "progress"):
         return report_exercises(args.command, getattr(args, "notebook", None), args.strict)
 
+    if args.command == "translations":
+        return report_translations(args.lang, args.todo)
     if args.command == "exercises":
+        from nsa_tutorial.course import translations as tr
+
         if args.check:
-            stale = notebooks.stale_notebooks()
+            stale = [f"notebooks/{name}" for name in notebooks.stale_notebooks()]
+            for lang, folder in FOLDERS.items():
+                stale += [f"{folder.name}/{name}" for name in tr.stale_localized(lang)]
             for name in stale:
-                print(f"stale: notebooks/{name} (run `make exercises`)")
+                print(f"stale: {name} (run `make exercises`)")
             return 1 if stale else 0
-        for path in notebooks.write_exercise_notebooks():
+        written = notebooks.write_exercise_notebooks()
+        written += [path for lang in FOLDERS for path in tr.write_localized_notebooks(lang)]
+        for path in written:
             print(f"wrote {path.relative_to(notebooks.ROOT)}")
     elif args.command == "execute":
         for path in args.paths:
@@ -60,6 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         return 0 if report.ready else 1
     return 0
+
+
+def report_translations(lang: str, todo: Path | None) -> int:
+    """Print what keeps the translations into `lang` from being complete and current (or,
+    with `todo`, one notebook's cells left to translate as JSON); the exit status."""
+    import json
+
+    from nsa_tutorial.course import translations as tr
+
+    if todo is not None:
+        print(json.dumps(tr.todo(todo, lang), ensure_ascii=False, indent=1))
+        return 0
+    found = [issue for path in tr.translated_solutions(lang) for issue in tr.problems(path, lang)]
+    print("\n".join(found) if found else f"{lang}: every translated notebook is complete, current")
+    return 1 if found else 0
 
 
 def report_exercises(command: str, notebook: str | None, strict: bool) -> int:

@@ -1,0 +1,113 @@
+"""The Chinese edition: translations kept beside the English, and the notebooks made of them.
+
+Every translation file must be complete and current (no cell missing, stale, orphaned,
+or changing code), `notebooks_zh/` must be what the generator writes, and a Chinese
+notebook's code must be the English notebook's, comments aside.
+"""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nsa_tutorial.course import translations as tr
+from nsa_tutorial.course.notebooks import NOTEBOOKS, SOLUTIONS
+
+TRANSLATED = tr.translated_solutions("zh")
+
+
+@pytest.mark.parametrize("solution", TRANSLATED, ids=lambda p: p.stem)
+def test_translation_is_complete_and_current(solution):
+    assert tr.problems(solution, "zh") == []
+
+
+def test_chinese_notebooks_are_regenerated():
+    assert tr.stale_localized("zh") == [], "run `make exercises`"
+
+
+@pytest.mark.parametrize("solution", TRANSLATED, ids=lambda p: p.stem)
+def test_chinese_notebook_runs_the_english_code(solution):
+    english = nbformat.read(NOTEBOOKS / solution.name, as_version=4)
+    chinese = nbformat.read(tr.FOLDERS["zh"] / solution.name, as_version=4)
+    assert [c.cell_type for c in chinese.cells] == [c.cell_type for c in english.cells]
+    for ours, theirs in zip(chinese.cells, english.cells, strict=True):
+        if theirs.cell_type == "code":
+            assert tr._code_tokens(ours.source) == tr._code_tokens(theirs.source)
+    text = "".join(c.source for c in chinese.cells if c.cell_type == "markdown")
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in text) > len(text) / 10  # mostly Chinese
+
+
+@pytest.fixture
+def course(tmp_path, monkeypatch):
+    """A one-notebook course in tmp_path: a solution with markdown, a commented code cell
+    and an uncommented one, and an empty translation folder."""
+    solutions = tmp_path / "solutions"
+    solutions.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_markdown_cell("# Title\n\nSome prose.", id="t-0"),
+        nbformat.v4.new_code_cell("x = 1  # one\n# NBVAL_IGNORE_OUTPUT", id="t-1"),
+        nbformat.v4.new_code_cell("y = 2", id="t-2"),
+    ]
+    path = solutions / "01_demo.ipynb"
+    nbformat.write(notebook, path)
+    monkeypatch.setattr(tr, "TRANSLATIONS", tmp_path / "translations")
+    monkeypatch.setitem(tr.FOLDERS, "zh", tmp_path / "notebooks_zh")
+    (tmp_path / "translations" / "zh").mkdir(parents=True)
+    return path
+
+
+def write_translation(path: Path, cells: dict) -> None:
+    target = tr.translation_path(path, "zh")
+    target.write_text(json.dumps({"cells": cells}, ensure_ascii=False), encoding="utf-8")
+
+
+def test_problems_name_missing_stale_orphan_and_changed_code(course):
+    notebook = nbformat.read(course, as_version=4)
+    markdown, code = notebook.cells[0].source, notebook.cells[1].source
+    write_translation(course, {"t-0": {"english": tr.fingerprint(markdown), "text": "# 标题"}})
+    assert tr.problems(course, "zh") == ["01_demo.ipynb cell 1 (t-1): missing"]
+    write_translation(course, {
+        "t-0": {"english": tr.fingerprint("# Old title"), "text": "# 标题"},
+        "t-1": {"english": tr.fingerprint(code), "text": "x = 3  # 一\n# NBVAL_IGNORE_OUTPUT"},
+        "gone": {"english": "0", "text": "旧"},
+    })  # fmt: skip
+    assert tr.problems(course, "zh") == [
+        "01_demo.ipynb cell 0 (t-0): stale (the English changed since it was translated)",
+        "01_demo.ipynb cell 1 (t-1): the translation changes code, not only comments",
+        "01_demo.ipynb cell gone: orphan (no such cell)",
+    ]
+
+
+def test_localized_notebook_swaps_translations_and_keeps_code(course):
+    notebook = nbformat.read(course, as_version=4)
+    write_translation(course, {
+        "t-0": {"english": tr.fingerprint(notebook.cells[0].source), "text": "# 标题\n\n说明。"},
+        "t-1": {"english": tr.fingerprint(notebook.cells[1].source),
+                "text": "x = 1  # 一\n# NBVAL_IGNORE_OUTPUT"},
+    })  # fmt: skip
+    assert tr.problems(course, "zh") == []
+    localized = tr.localized_notebook(course, "zh")
+    assert [c.source for c in localized.cells] == [
+        "# 标题\n\n说明。", "x = 1  # 一\n# NBVAL_IGNORE_OUTPUT", "y = 2"
+    ]
+    assert not tr.readable(notebook.cells[2])  # no comment, nothing to translate
+
+
+def test_todo_lists_only_what_needs_work(course):
+    notebook = nbformat.read(course, as_version=4)
+    assert set(tr.todo(course, "zh")) == {"t-0", "t-1"}
+    write_translation(course, {"t-0": {"english": tr.fingerprint(notebook.cells[0].source),
+                                       "text": "# 标题"}})  # fmt: skip
+    assert tr.todo(course, "zh") == {
+        "t-1": {"english": tr.fingerprint(notebook.cells[1].source),
+                "source": notebook.cells[1].source}
+    }  # fmt: skip
+
+
+def test_every_solution_is_a_notebook_the_tools_can_key():
+    """Cell ids are the keys: every solution cell has one, unique in its notebook."""
+    for path in sorted(SOLUTIONS.glob("*.ipynb")):
+        ids = [cell.id for cell in nbformat.read(path, as_version=4).cells]
+        assert len(set(ids)) == len(ids), path.name
