@@ -36,10 +36,14 @@ test: $(INSTALLED) chromium
 	$(BIN)/python -m pytest --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg tests solutions
 
-# Debian's chromium for the browser test (a browser download by a test tool fails offline).
+# Debian's chromium for the browser test (a browser download by a test tool fails offline),
+# with CJK and emoji fonts: without them it draws the Chinese notebooks as empty boxes.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@(fc-list :lang=zh | grep -q . && fc-list | grep -qi "color emoji") || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		fonts-noto-cjk fonts-noto-color-emoji)
 
 ## make check NB=01: check the exercises of your notebooks/01_*.ipynb
 ## (a report, not a failure: the status is 0 whatever the verdicts; add STRICT=1 to get 1
