@@ -458,3 +458,80 @@ def test_generic_diagnoses_on_plain_tensors(got, pattern):
     expected = torch.arange(float(got.numel())).reshape(got.shape)
     found = diagnose_difference(got, expected)
     assert (found is None) if pattern is None else (pattern in found)
+
+
+# ---- the exercises that tie NSA together (02, 03, 06, 07) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cause"),
+    [
+        ("compress_with_memory", "intra-block positions are missing"),
+        ("compress_with_memory", "broadcast their heads against the blocks"),
+        ("compress_with_memory", "memory tokens go in front"),
+        ("importance_scores", "memory columns are still there"),
+        ("importance_scores", "heads are grouped the wrong way"),
+        ("importance_scores", "starts from probabilities"),
+        ("importance_scores", "neither maps nor hides the own block"),
+        ("importance_scores", "hidden_after=causal"),
+        ("sparse_attention_forward", "rotary is applied before compression"),
+        ("sparse_attention_forward", "gates read the raw input"),
+        ("sparse_attention_forward", "heads are merged the wrong way"),
+        ("decode_step", "rotated at position 0"),
+        ("decode_step", "compress it with stride=block_size"),
+        ("decode_step", "window is one key short"),
+        ("decode_step", "compressed cache does not grow"),
+    ],
+)
+def test_the_assembly_exercises_name_their_mistakes(name, cause):
+    assert any(cause in mistake.hint for mistake in EXERCISES[name].mistakes)
+
+
+def test_importance_cases_cover_both_mappings_grouping_and_the_equal_sizes_quirk():
+    cases = [case.args for case in EXERCISES["importance_scores"].make_cases()]
+    settings = {args[2:] for args in cases}  # (stride, block, group, interpolate, causal)
+    assert {(4, 4, None, False, True), (2, 2, 2, False, False)} <= settings  # stride == block
+    assert {(4, 6, 2, True, True), (16, 8, None, True, False)} <= settings  # interpolated
+    grouped = [logits.shape[1] // group for logits, _, _, _, group, _, _ in cases if group]
+    assert any(kv_heads > 1 for kv_heads in grouped)  # a wrong grouping shows
+    tokens = [(logits.shape[-1] - memory) * stride for logits, memory, stride, *_ in cases]
+    assert any(n % args[3] for n, args in zip(tokens, cases, strict=True))  # a partial block
+
+
+@pytest.mark.parametrize("name", ["sparse_attention_forward", "decode_step"])
+def test_module_cases_use_gqa_and_lengths_off_the_blocks(name):
+    cases = EXERCISES[name].make_cases()
+    modules = [case.args[0] for case in cases]
+    assert any(m.heads > m.kv_heads > 1 for m in modules)  # a wrong grouping shows
+    assert any(m.compress_block_sliding_stride < m.compress_block_size for m in modules)
+    lengths = [sum(t.shape[1] for t in case.args[1:]) for case in cases]
+    assert all(n % m.selection_block_size for n, m in zip(lengths, modules, strict=True))
+
+
+def test_a_module_case_is_described_by_its_configuration_not_its_layers():
+    def late(attn, inp):
+        return 2 * attn(inp)
+
+    message = verdict_of("sparse_attention_forward", late)
+    assert "attn=SparseAttention, inp (2, 19, 16) float32; causal, heads=2, kv_heads=2" in message
+    assert "Sequential" not in message and "Linear" not in message
+
+
+def test_the_decode_check_feeds_each_step_the_cache_the_last_one_returned():
+    from nsa_tutorial.cache import decode_step
+
+    def forgetful(attn, inp, cache):
+        out, new_cache = decode_step(attn, inp, cache)
+        return out, cache  # hands the old cache on: the next step decodes at the same position
+
+    message = verdict_of("decode_step", forgetful)
+    assert "case 1 of 4" in message and "values differ" in message
+
+
+def test_decode_all_leaves_a_function_of_the_specs_signature_alone():
+    from nsa_tutorial.course.stage07_kv_cache import decode_all
+
+    mistake = EXERCISES["decode_step"].mistakes[0].compute
+    assert decode_all(mistake) is mistake
+    assert decode_all(decode_all(print)).decodes_all_tokens
+    assert decode_all("not a function") == "not a function"

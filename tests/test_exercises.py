@@ -47,6 +47,11 @@ def gathered_selection(q, k, v, blocks, block_size, causal):
     return out
 
 
+def compressed_with_memory(x, positions, mlp, memory, block_size, stride):
+    """The package's compression (windows, positions, MLP) with the memory in front."""
+    return compress.prepend_memory(compress.compress(x, positions, mlp, block_size, stride), memory)
+
+
 def single_token_selection(q, k, v, importance, num_selected, block):
     """The package's selection branch for the newest token alone: one decoding row."""
     values, indices = selection.top_blocks(importance, num_selected)
@@ -76,11 +81,12 @@ PACKAGE = {
     "rotate_pairs": [nsa_tutorial.rotate_pairs],
     "apply_rotary": [nsa_tutorial.apply_rotary],
     "compression_windows": [compress.compression_windows],
+    "compress_with_memory": [compressed_with_memory],
     "compressed_causal_mask": [compress.compressed_causal_mask],
     "compressed_attention": [lambda *args: compress.compressed_attention(*args)[0]],
-    "group_mean": [importance.group_mean],
     "selection_block_scores": [importance.selection_block_scores],
     "block_probabilities": [importance.block_probabilities],
+    "importance_scores": [importance.importance_scores],
     "top_blocks": [selection.top_blocks],
     "gather_blocks": [fine_attention.gather_blocks],
     "fine_attention": [
@@ -95,9 +101,10 @@ PACKAGE = {
             linear_with(weight, bias), heads
         )(x)
     ],
-    "combine_branches": [attention.combine_branches],
+    "sparse_attention_forward": [lambda attn, inp: attn(inp)],
     "update_running_buffer": [cache.update_running_buffer],
     "single_token_selection": [single_token_selection],
+    "decode_step": [cache.decode_step],
     "softmax_mean_kernel": [lambda scores, values: scores.softmax(dim=-1) @ values],
     "selection_kernel": [gathered_selection, triton_selection_attention],
     "dq_kernel": [lambda *args: autograd_dq(*args)],

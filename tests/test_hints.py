@@ -56,8 +56,8 @@ def test_successive_calls_advance_then_stop_with_a_clear_message(name):
 
 
 def test_hint_is_exported_and_remembers_each_exercise_apart():
-    first = repr(hint("group_mean", 1))
-    assert "hint 1 of" in first and "hint 2 of" in repr(hint("group_mean"))
+    first = repr(hint("block_probabilities", 1))
+    assert "hint 1 of" in first and "hint 2 of" in repr(hint("block_probabilities"))
     assert "hint 1 of" in repr(hint("rms_norm", 1))
 
 

@@ -1,4 +1,5 @@
-"""Checks for notebook 02: compression blocks, their causal visibility, compressed attention.
+"""Checks for notebook 02: compression blocks, compressed tokens with memory, their causal
+visibility, compressed attention.
 
 The specs loop over blocks, tokens and queries one at a time: slow and plain.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from torch import Tensor
+from torch import Tensor, nn
 
 from nsa_tutorial.course.stage00_welcome import HINT_OVERFLOW, softmax_without_max
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
@@ -84,6 +85,125 @@ COMPRESSION_WINDOWS = Exercise(
             "the tokens after the last full stride belong to no block yet: use only the first "
             "(n // stride) * stride tokens.",
             _windows_with_partial,
+        ),
+    ),
+)
+
+# ---- compressed tokens, with the memory in front (Eq. 7) -----------------------------------
+
+
+def compress_with_memory_spec(
+    x: Tensor, positions: Tensor, mlp: nn.Module, memory: Tensor, block_size: int, stride: int
+) -> Tensor:
+    """x (b, h, T, dh) -> (b, h, m + w, dh): the m memory tokens (h, m, dh), then one token
+    per block: the block's tokens (zeros before token 0) plus the positions (h, block_size,
+    dh) of their slots, through the MLP, one block at a time."""
+    windows = compression_windows_spec(x, block_size, stride)  # (b, h, w, block_size, dh)
+    tokens = [memory[None, :, m].expand(x.shape[0], -1, -1) for m in range(memory.shape[1])]
+    for j in range(windows.shape[2]):
+        block = windows[:, :, j] + positions  # (b, h, block_size, dh): the padding gets them too
+        tokens.append(mlp(block[:, :, None])[:, :, 0])  # the MLP takes (b, h, w, l, dh)
+    if not tokens:
+        return x.new_zeros(*x.shape[:2], 0, x.shape[-1])
+    return torch.stack(tokens, dim=2)
+
+
+def _compress_with(
+    x, positions, mlp, memory, block_size, stride, *, with_positions=True, heads_aligned=True,
+    memory_first=True, with_memory=True,
+):  # fmt: skip
+    """compress_with_memory with the keyword's step done wrong."""
+    windows = compression_windows_spec(x, block_size, stride)  # (b, h, w, l, dh)
+    if with_positions:
+        # positions (h, l, dh) without [:, None] broadcast their heads against the blocks
+        windows = windows + (positions[:, None] if heads_aligned else positions)
+    compressed = mlp(windows)  # (b, h, w, dh)
+    if not with_memory:
+        return compressed
+    memory = repeat(memory, "h m d -> b h m d", b=x.shape[0])
+    parts = (memory, compressed) if memory_first else (compressed, memory)
+    return torch.cat(parts, dim=2)
+
+
+def _random_compress_mlp(block_size: int, dim_head: int, expand: float, seed: int) -> nn.Module:
+    """The module's default compression MLP with seeded random weights."""
+    from nsa_tutorial.compress import default_compress_mlp
+
+    with torch.random.fork_rng(devices=[]):  # leave the notebook's random draws alone
+        torch.manual_seed(seed)
+        return default_compress_mlp(block_size, dim_head, expand)
+
+
+def _compress_cases() -> list[Case]:
+    g = torch.Generator().manual_seed(22)
+
+    def case(b, h, n, dh, block, stride, m, expand=1.0, note=""):
+        return Case(
+            (
+                torch.randn(b, h, n, dh, generator=g),
+                torch.randn(h, block, dh, generator=g),
+                _random_compress_mlp(block, dh, expand, seed=n),
+                torch.randn(h, m, dh, generator=g),
+                block,
+                stride,
+            ),
+            note=note,
+        )
+
+    return [
+        case(1, 2, 16, 3, 4, 4, 1),
+        case(2, 3, 14, 2, 8, 4, 2, note="overlapping blocks, 2 tokens after the last stride"),
+        case(1, 2, 5, 2, 4, 2, 1, expand=2.0, note="shorter than a block: padding in front"),
+        case(1, 2, 3, 2, 4, 4, 3, note="no complete block yet: only the memory"),
+    ]
+
+
+COMPRESS_WITH_MEMORY = Exercise(
+    name="compress_with_memory",
+    stage="02",
+    hints=(
+        (
+            "x is (b, h, T, dh), keys or values of h key/value heads. positions (h, block_size, "
+            "dh) holds one learned vector per slot of a block, per head; mlp maps blocks (b, h, "
+            "w, block_size, dh) to tokens (b, h, w, dh); memory (h, m, dh) holds m learned "
+            "tokens per head. The output (b, h, m + w, dh) is the memory, then one token per block."
+        ),
+        (
+            "the rule: cut x into blocks with your compression_windows (zeros before token 0), "
+            "add the positions to every block (the padded slots get them too: the module "
+            "adds them after padding), run the MLP, and put the memory tokens in front, the "
+            "same m tokens for every batch element."
+        ),
+        (
+            "a skeleton:\n"
+            "    windows = compression_windows(...)  # (b, h, w, block_size, dh)\n"
+            "    tokens = mlp(windows + positions[...])  # positions must line up with the heads\n"
+            '    memory = repeat(memory, "h m d -> b h m d", b=...)\n'
+            "    return torch.cat(..., dim=-2)"
+        ),
+    ),
+    spec=compress_with_memory_spec,
+    make_cases=_compress_cases,
+    mistakes=(
+        Mistake(
+            "the intra-block positions are missing: add positions (one vector per slot, per "
+            "head) to every block before the MLP.",
+            lambda *a: _compress_with(*a, with_positions=False),
+        ),
+        Mistake(
+            "positions (h, block_size, dh) added to blocks (b, h, w, block_size, dh) broadcast "
+            "their heads against the blocks (axis w): index positions[:, None] to get (h, 1, "
+            "block_size, dh), which lines up with the heads.",
+            lambda *a: _compress_with(*a, heads_aligned=False),
+        ),
+        Mistake(
+            "the memory tokens go in front of the compressed tokens, not after them: "
+            "compressed_causal_mask (below) expects them in the first columns.",
+            lambda *a: _compress_with(*a, memory_first=False),
+        ),
+        Mistake(
+            "the memory tokens are missing: put the m memory tokens of each head in front.",
+            lambda *a: _compress_with(*a, with_memory=False),
         ),
     ),
 )
@@ -299,4 +419,9 @@ COMPRESSED_ATTENTION = Exercise(
     ),
 )
 
-EXERCISES = [COMPRESSION_WINDOWS, COMPRESSED_CAUSAL_MASK, COMPRESSED_ATTENTION]
+EXERCISES = [
+    COMPRESSION_WINDOWS,
+    COMPRESS_WITH_MEMORY,
+    COMPRESSED_CAUSAL_MASK,
+    COMPRESSED_ATTENTION,
+]

@@ -7,6 +7,7 @@ from einops import reduce, repeat
 from torch import Tensor
 
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
+from nsa_tutorial.gqa import masked_logit
 
 # ---- GQA: one score per key/value head ----------------------------------------------------
 
@@ -20,51 +21,6 @@ def group_mean_spec(scores: Tensor, group_size: int) -> Tensor:
             out[:, h] += scores[:, h * group_size + g] / group_size
     return out
 
-
-def _group_cases() -> list[Case]:
-    g = torch.Generator().manual_seed(30)
-    return [
-        Case((torch.randn(1, 2, 3, 4, generator=g), 1)),
-        Case((torch.randn(2, 4, 5, 3, generator=g), 2)),
-        Case((torch.randn(1, 8, 2, 6, generator=g), 4)),
-    ]
-
-
-GROUP_MEAN = Exercise(
-    name="group_mean",
-    stage="03",
-    hints=(
-        (
-            "scores is (b, h * g, i, j): one score per query head. The output (b, h, i, j) has "
-            "one per key/value head; g query heads share each key/value head."
-        ),
-        (
-            "the rule: key/value head h averages the consecutive query heads h * g .. h * g + g "
-            "- 1 (a mean: not a sum, not a maximum)."
-        ),
-        (
-            'a skeleton: split the head axis into (h, g), with reshape or einops "b (h g) i j -> '
-            'b h g i j", then take .mean(dim=...) over g.'
-        ),
-    ),
-    spec=group_mean_spec,
-    make_cases=_group_cases,
-    mistakes=(
-        Mistake(
-            "heads are grouped the wrong way: key/value head h owns the *consecutive* query "
-            "heads h * g .. h * g + g - 1 (einops 'b (h g) i j').",
-            lambda s, g: reduce(s, "b (g h) i j -> b h i j", "mean", g=g),
-        ),
-        Mistake(
-            "this sums the group; average it (divide by the group size).",
-            lambda s, g: reduce(s, "b (h g) i j -> b h i j", "sum", g=g),
-        ),
-        Mistake(
-            "this takes the group's maximum; the reference averages.",
-            lambda s, g: reduce(s, "b (h g) i j -> b h i j", "max", g=g),
-        ),
-    ),
-)
 
 # ---- from compression blocks to selection blocks ---------------------------------------------
 
@@ -244,4 +200,200 @@ BLOCK_PROBABILITIES = Exercise(
     ),
 )
 
-EXERCISES = [GROUP_MEAN, SELECTION_BLOCK_SCORES, BLOCK_PROBABILITIES]
+# ---- the chain: compressed logits -> selection-block importance -----------------------------
+
+
+def importance_scores_spec(
+    logits: Tensor,
+    num_memory: int,
+    stride: int,
+    selection_block: int,
+    group_size: int | None,
+    interpolate: bool,
+    causal: bool,
+) -> Tensor:
+    """Compressed attention logits (b, hq, i, m + w) -> selection-block probabilities
+    (b, h, i, blocks): memory dropped, averaged over each GQA group (unless group_size is
+    None), mapped onto selection blocks, own block hidden, softmax with the sink. When the
+    stride equals the selection block, the reference maps nothing and hides nothing: only
+    the softmax with the sink."""
+    scores = logits[..., num_memory:]  # (b, hq, i, w): memory tokens are no blocks
+    if group_size is not None:
+        scores = group_mean_spec(scores, group_size)  # (b, h, i, w)
+    if stride == selection_block:
+        return _softmax_with_sink_spec(scores)
+    if interpolate:
+        blocks = _interpolated_block_scores_spec(scores, stride, selection_block, causal)
+    else:
+        blocks = selection_block_scores_spec(scores, stride, selection_block)
+    return block_probabilities_spec(blocks, selection_block)
+
+
+def _softmax_with_sink_spec(scores: Tensor) -> Tensor:
+    """Each row (..., w) softmaxed behind one extra logit of -1000, which is dropped."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    out = torch.empty_like(rows)
+    for r, row in enumerate(rows):
+        out[r] = torch.cat((torch.tensor([SINK]), row)).softmax(-1)[1:]
+    return out.reshape(scores.shape)
+
+
+def _interpolated_block_scores_spec(
+    scores: Tensor, stride: int, selection_block: int, hidden_after: bool
+) -> Tensor:
+    """(..., w) -> (..., w * stride // selection_block): token t sits at source coordinate
+    (t + 0.5) / stride - 0.5 between two compressed scores (clamped to the ends) and takes
+    their linear mix; with hidden_after, a hidden score (the masked logit) follows the
+    last block. Each complete selection block averages its tokens."""
+    w = scores.shape[-1]
+    if w == 0:
+        return scores
+    ends = w + 1 if hidden_after else w
+    hidden = torch.full_like(scores[..., :1], masked_logit(scores.dtype))
+    source = torch.cat((scores, hidden), dim=-1) if hidden_after else scores
+    tokens = []
+    for t in range(w * stride):
+        position = max((t + 0.5) / stride - 0.5, 0.0)
+        left = min(int(position), ends - 1)
+        right = min(left + 1, ends - 1)
+        weight = position - left
+        tokens.append(source[..., left] * (1 - weight) + source[..., right] * weight)
+    tokens = torch.stack(tokens, dim=-1)  # (..., w * stride)
+    num_blocks = w * stride // selection_block
+    return torch.stack(
+        [tokens[..., k * selection_block : (k + 1) * selection_block].mean(-1)
+         for k in range(num_blocks)],
+        dim=-1,
+    ) if num_blocks else tokens[..., :0]  # fmt: skip
+
+
+def _importance_with(
+    logits, num_memory, stride, selection_block, group_size, interpolate, causal, *,
+    keep_memory=False, reduction="mean", head_order="(h g)", from_probabilities=False,
+    mask_when_equal=False, sink=True, interpolate_as=None, hidden_after=None,
+):  # fmt: skip
+    """The chain with the keyword's step done wrong (the package maps the blocks)."""
+    from nsa_tutorial.importance import selection_block_scores
+
+    if from_probabilities:
+        logits = logits.softmax(dim=-1)
+    scores = logits if keep_memory else logits[..., num_memory:]
+    if group_size is not None:
+        scores = reduce(scores, f"b {head_order} i j -> b h i j", reduction, g=group_size)
+    if stride == selection_block and not mask_when_equal:
+        return _softmax_with_sink_spec(scores) if sink else scores.softmax(dim=-1)
+    if stride != selection_block:
+        scores = selection_block_scores(
+            scores, stride, selection_block,
+            interpolate if interpolate_as is None else interpolate_as,
+            causal if hidden_after is None else hidden_after,
+        )  # fmt: skip
+    return block_probabilities_spec(scores, selection_block)
+
+
+def _importance_cases() -> list[Case]:
+    from nsa_tutorial.compress import compressed_attention
+
+    g = torch.Generator().manual_seed(33)
+
+    def case(b, hq, hk, n, m, stride, block, group, interpolate, causal, loud=1.0, note=""):
+        q = loud * torch.randn(b, hq, n, 8, generator=g)
+        ck = torch.randn(b, hk, m + n // stride, 8, generator=g)
+        _, logits = compressed_attention(q, ck, ck, m, stride, causal)
+        args = (logits, m, stride, block, group, interpolate, causal)
+        return Case(args, note=note)
+
+    return [
+        case(1, 4, 2, 29, 1, 4, 8, 2, False, True, note="a last, partial selection block"),
+        case(1, 2, 2, 13, 2, 4, 4, None, False, True, note="stride = selection block"),
+        case(2, 4, 2, 10, 1, 2, 2, 2, False, False, note="stride = selection block, not causal"),
+        case(1, 4, 2, 27, 1, 4, 6, 2, True, True, note="6 is no multiple of the stride"),
+        case(1, 4, 2, 50, 1, 16, 8, None, True, False, note="the stride is twice the block"),
+        case(1, 4, 2, 21, 1, 2, 4, 2, False, True, loud=30.0, note="scores in the hundreds"),
+    ]
+
+
+IMPORTANCE_SCORES = Exercise(
+    name="importance_scores",
+    stage="03",
+    hints=(
+        (
+            "logits is (b, hq, i, m + w): the compressed attention's scaled, masked scores, "
+            "m memory columns first, then one per compressed block. With group_size g the "
+            "output is (b, hq // g, i, blocks), one row per key/value head; with group_size "
+            "None, (b, hq, i, blocks). blocks = w * stride // selection_block, or w when the "
+            "stride equals the selection block."
+        ),
+        (
+            "the rule, in the module's order: drop the memory columns; average the g "
+            "consecutive query heads of each group (logits, not probabilities; a mean, not "
+            "Eq. 10's sum); if stride == selection_block, stop there with the softmax behind "
+            "the -1000 sink (no mapping, no own-block mask); otherwise map onto selection "
+            "blocks (yours, or the package's with interpolate=True, hidden_after=causal) and "
+            "finish with your block_probabilities."
+        ),
+        (
+            "a skeleton:\n"
+            "    scores = logits[..., ...:]\n"
+            "    if group_size is not None:\n"
+            '        scores = reduce(scores, "b (h g) i j -> ...", "mean", g=group_size)\n'
+            "    if stride == selection_block:\n"
+            "        sink = torch.full(..., -1e3)\n"
+            "        return torch.cat(...).softmax(dim=-1)[..., 1:]\n"
+            "    if interpolate:\n"
+            "        scores = package_block_scores(..., interpolate=True, hidden_after=...)\n"
+            "    else:\n"
+            "        scores = selection_block_scores(...)\n"
+            "    return block_probabilities(...)"
+        ),
+    ),
+    spec=importance_scores_spec,
+    make_cases=_importance_cases,
+    mistakes=(
+        Mistake(
+            "the memory columns are still there: the first num_memory columns are memory "
+            "tokens, not blocks; drop them first.",
+            lambda *a: _importance_with(*a, keep_memory=True),
+        ),
+        Mistake(
+            "this sums each group's logits (the paper's Eq. 10 sums probabilities); the "
+            "reference averages the logits over the group.",
+            lambda *a: _importance_with(*a, reduction="sum"),
+        ),
+        Mistake(
+            "heads are grouped the wrong way: key/value head h owns the *consecutive* query "
+            "heads h * g .. h * g + g - 1 (einops 'b (h g) i j').",
+            lambda *a: _importance_with(*a, head_order="(g h)"),
+        ),
+        Mistake(
+            "this starts from probabilities (a softmax over memory and blocks first, as the "
+            "paper's Eq. 8); the reference starts from the logits, and the only softmax is the "
+            "last one, with the sink.",
+            lambda *a: _importance_with(*a, from_probabilities=True),
+        ),
+        Mistake(
+            "when the stride equals the selection block, the reference neither maps nor hides "
+            "the own block: compressed blocks already are selection blocks, and causal "
+            "attention hid the rest. Only the softmax with the sink remains.",
+            lambda *a: _importance_with(*a, mask_when_equal=True),
+        ),
+        Mistake(
+            "the sink is missing when the stride equals the selection block: a query that "
+            "sees no block must get all-zero importance, not a uniform spread over hidden blocks.",
+            lambda *a: _importance_with(*a, sink=False),
+        ),
+        Mistake(
+            "interpolate is ignored: with interpolate=True, map with the package's "
+            "selection_block_scores(..., interpolate=True, hidden_after=causal).",
+            lambda *a: _importance_with(*a, interpolate_as=False),
+        ),
+        Mistake(
+            "with causal attention, interpolation leans the last block towards a hidden block "
+            "after it (hidden_after=causal), so that a query's scores do not depend on how "
+            "long the sequence is.",
+            lambda *a: _importance_with(*a, hidden_after=False),
+        ),
+    ),
+)
+
+EXERCISES = [SELECTION_BLOCK_SCORES, BLOCK_PROBABILITIES, IMPORTANCE_SCORES]

@@ -32,20 +32,23 @@ _LIBRARY_DIRS = tuple(
 
 @dataclass(frozen=True)
 class Case:
-    """One set of inputs for an exercise, with a label a learner can read."""
+    """One set of inputs for an exercise, with a label a learner can read; `note` says
+    what the inputs hold that their shapes do not (a module's configuration, say)."""
 
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    note: str = ""
 
     def describe(self, fn: Callable[..., Any]) -> str:
         """The inputs by the parameter names of `fn`, e.g. "x (2, 8) float32, eps=0.01"."""
         bound = inspect.signature(fn).bind(*self.args, **self.kwargs).arguments
-        return ", ".join(
+        inputs = ", ".join(
             f"{name} {_describe_value(value)}"
             if isinstance(value, Tensor)
             else f"{name}={_describe_value(value)}"
             for name, value in bound.items()
         )
+        return f"{inputs}; {self.note}" if self.note else inputs
 
 
 @dataclass(frozen=True)
@@ -400,6 +403,8 @@ def _describe_value(value: Any) -> str:
         return "(" + ", ".join(_describe_value(v) for v in value) + ")"
     if isinstance(value, Tensor):
         return f"{_shape(value)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, torch.nn.Module):  # its repr lists every layer: the class says enough
+        return type(value).__name__
     return repr(value)
 
 
