@@ -19,15 +19,16 @@ $(INSTALLED): pyproject.toml $(LOCK)
 # JupyterLab refuses to run as root (containers) unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# COURSE_LANG=zh: the Chinese notebooks (notebooks_zh/); English (notebooks/) otherwise.
+# COURSE_LANG=zh: the Chinese notebooks (notebooks_zh/) and hints (NSA_TUTORIAL_LANG);
+# English (notebooks/) otherwise.
 COURSE_LANG ?= en
 LAB_FOLDER := $(if $(filter zh,$(COURSE_LANG)),notebooks_zh,notebooks)
 
 ## make lab: open the course in JupyterLab, on notebook 00 (LAB_ARGS="--port=..." to add
 ## options; COURSE_LANG=zh for the Chinese edition)
 lab: $(INSTALLED)
-	$(BIN)/jupyter lab --LabApp.default_url=/lab/tree/$(LAB_FOLDER)/00_welcome.ipynb \
-		$(ROOT_FLAG) $(LAB_ARGS)
+	NSA_TUTORIAL_LANG=$(COURSE_LANG) $(BIN)/jupyter lab \
+		--LabApp.default_url=/lab/tree/$(LAB_FOLDER)/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
 ## make test: the whole suite (lint, unit tests, exercise checks, nbval over solutions/,
 ## the explorer in headless Chromium, installed with apt-get when missing)

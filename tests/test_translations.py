@@ -1,8 +1,9 @@
 """The Chinese edition: translations kept beside the English, and the notebooks made of them.
 
-Every translation file must be complete and current (no cell missing, stale, orphaned,
-or changing code), `notebooks_zh/` must be what the generator writes, and a Chinese
-notebook's code must be the English notebook's, comments aside.
+Every notebook's translation must be complete and current (no cell missing, stale,
+orphaned, or changing code), as must every exercise's hints; `notebooks_zh/` must be
+what the generator writes, and a Chinese notebook's code must be the English one's,
+comments aside.
 """
 
 import json
@@ -14,10 +15,10 @@ import pytest
 from nsa_tutorial.course import translations as tr
 from nsa_tutorial.course.notebooks import NOTEBOOKS, SOLUTIONS
 
-TRANSLATED = tr.translated_solutions("zh")
+SOLVED = sorted(SOLUTIONS.glob("*.ipynb"))  # every one has a Chinese edition
 
 
-@pytest.mark.parametrize("solution", TRANSLATED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("solution", SOLVED, ids=lambda p: p.stem)
 def test_translation_is_complete_and_current(solution):
     assert tr.problems(solution, "zh") == []
 
@@ -26,7 +27,7 @@ def test_chinese_notebooks_are_regenerated():
     assert tr.stale_localized("zh") == [], "run `make exercises`"
 
 
-@pytest.mark.parametrize("solution", TRANSLATED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("solution", SOLVED, ids=lambda p: p.stem)
 def test_chinese_notebook_runs_the_english_code(solution):
     english = nbformat.read(NOTEBOOKS / solution.name, as_version=4)
     chinese = nbformat.read(tr.FOLDERS["zh"] / solution.name, as_version=4)
@@ -111,3 +112,36 @@ def test_every_solution_is_a_notebook_the_tools_can_key():
     for path in sorted(SOLUTIONS.glob("*.ipynb")):
         ids = [cell.id for cell in nbformat.read(path, as_version=4).cells]
         assert len(set(ids)) == len(ids), path.name
+
+
+def english_hints() -> dict:
+    from nsa_tutorial.course.checks import EXERCISES
+
+    return {name: exercise.hints for name, exercise in EXERCISES.items()}
+
+
+def test_every_exercise_has_current_chinese_hints():
+    assert tr.hint_problems(english_hints(), "zh") == []
+
+
+def test_hint_speaks_the_course_language(monkeypatch):
+    from nsa_tutorial.course.checks import EXERCISES
+    from nsa_tutorial.course.hints import Hints
+
+    chinese = tr.load_hint_translations("zh")["rms_norm"]["hints"]
+    monkeypatch.setenv(tr.LANGUAGE_SETTING, "zh")
+    hints = Hints(EXERCISES)
+    assert str(hints("rms_norm")).startswith(f"💡 rms_norm，提示 1/3：{chinese[0]}")
+    assert "3 条提示都已看过" in str(hints("rms_norm", 3)) + str(hints("rms_norm"))
+    for setting in ("en", "fr"):  # English, and English for a language with no translation
+        monkeypatch.setenv(tr.LANGUAGE_SETTING, setting)
+        assert str(Hints(EXERCISES)("rms_norm")).startswith("💡 rms_norm, hint 1 of 3: x is")
+
+
+def test_stale_hints_fall_back_to_english():
+    hints = english_hints()["rms_norm"]
+    changed = (hints[0] + " (reworded)", *hints[1:])
+    assert tr.localized_hints("rms_norm", changed, "zh") == changed
+    assert tr.hint_problems({"rms_norm": changed}, "zh")[0] == (
+        "hints of rms_norm: stale (the English changed since translated)"
+    )

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     translations = commands.add_parser("translations", help="check the translations")
     translations.add_argument("--lang", default="zh", choices=sorted(FOLDERS))
     translations.add_argument("--todo", type=Path, metavar="PATH",
-                              help="print a solution notebook's cells left to translate (JSON)")
+                              help="print a solution notebook's cells left to translate "
+                                   "(JSON); the word hints: the hints left to translate")
     commands.add_parser("env", help="check this machine for the course")
     check = commands.add_parser("check", help="check the exercises of notebooks/NB_*.ipynb")
     check.add_argument("notebook", metavar="NB", help="the notebook's number, e.g. 02")
@@ -83,11 +84,15 @@ def report_translations(lang: str, todo: Path | None) -> int:
     import json
 
     from nsa_tutorial.course import translations as tr
+    from nsa_tutorial.course.checks import EXERCISES
 
+    english_hints = {name: exercise.hints for name, exercise in EXERCISES.items()}
     if todo is not None:
-        print(json.dumps(tr.todo(todo, lang), ensure_ascii=False, indent=1))
+        left = tr.hints_todo(english_hints, lang) if str(todo) == "hints" else tr.todo(todo, lang)
+        print(json.dumps(left, ensure_ascii=False, indent=1))
         return 0
     found = [issue for path in tr.translated_solutions(lang) for issue in tr.problems(path, lang)]
+    found += tr.hint_problems(english_hints, lang)
     print("\n".join(found) if found else f"{lang}: every translated notebook is complete, current")
     return 1 if found else 0
 

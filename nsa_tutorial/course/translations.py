@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tokenize
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nbformat
@@ -152,4 +154,64 @@ def todo(solution: Path, lang: str) -> dict[str, dict[str, str]]:
         cell.id: {"english": fingerprint(cell.source), "source": cell.source}
         for cell in notebook.cells
         if readable(cell) and translated.get(cell.id, {}).get("english") != fingerprint(cell.source)
+    }
+
+
+# ---- hints: translations/<lang>/hints.json, and the language the package speaks ----------
+
+LANGUAGE_SETTING = "NSA_TUTORIAL_LANG"  # `make lab COURSE_LANG=zh` sets it for the kernels
+
+
+def course_language() -> str:
+    """The language of hints: NSA_TUTORIAL_LANG if it names a translated language, else "en"."""
+    language = os.environ.get(LANGUAGE_SETTING, "en")
+    return language if language in FOLDERS else "en"
+
+
+def hints_path(lang: str) -> Path:
+    return TRANSLATIONS / lang / "hints.json"
+
+
+def load_hint_translations(lang: str) -> dict[str, dict]:
+    """Exercise name -> {"english": fingerprint of its English hints, "hints": [...]}."""
+    path = hints_path(lang)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def hints_fingerprint(hints: Sequence[str]) -> str:
+    return fingerprint("\n\n".join(hints))
+
+
+def hint_problems(exercises: Mapping[str, Sequence[str]], lang: str) -> list[str]:
+    """Exercises (name -> English hints) whose hints in `lang` are missing, stale, of
+    another number, or that no longer exist."""
+    translated = load_hint_translations(lang)
+    found = []
+    for name, hints in exercises.items():
+        entry = translated.get(name)
+        if entry is None:
+            found.append(f"hints of {name}: missing")
+        elif entry["english"] != hints_fingerprint(hints):
+            found.append(f"hints of {name}: stale (the English changed since translated)")
+        elif len(entry["hints"]) != len(hints):
+            found.append(f"hints of {name}: {len(entry['hints'])} translated, {len(hints)} English")
+    orphans = sorted(translated.keys() - exercises)
+    return found + [f"hints of {name}: orphan (no such exercise)" for name in orphans]
+
+
+def localized_hints(name: str, hints: Sequence[str], lang: str) -> Sequence[str]:
+    """The hints of exercise `name` in `lang` where their translation is current, else English."""
+    entry = load_hint_translations(lang).get(name) if lang != "en" else None
+    if entry is None or entry["english"] != hints_fingerprint(hints):
+        return hints
+    return entry["hints"]
+
+
+def hints_todo(exercises: Mapping[str, Sequence[str]], lang: str) -> dict[str, dict]:
+    """The exercises whose hints need translating: name -> {"english", "hints" (English)}."""
+    translated = load_hint_translations(lang)
+    return {
+        name: {"english": hints_fingerprint(hints), "hints": list(hints)}
+        for name, hints in exercises.items()
+        if translated.get(name, {}).get("english") != hints_fingerprint(hints)
     }
