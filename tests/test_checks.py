@@ -535,3 +535,22 @@ def test_decode_all_leaves_a_function_of_the_specs_signature_alone():
     assert decode_all(mistake) is mistake
     assert decode_all(decode_all(print)).decodes_all_tokens
     assert decode_all("not a function") == "not a function"
+
+
+def test_a_wrong_mask_is_shown_beside_the_expected_one():
+    """A mask (or index) answer that differs carries both; a notebook shows them as a
+    picture under the message. Other answers, and right ones, have no picture."""
+    import base64
+
+    def one_key_too_many(seq_len, window, causal):
+        i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+        return (j >= i - window - 1) & (j <= i)
+
+    verdict = check("sliding_window_mask", one_key_too_many)
+    expected, yours = verdict.picture
+    assert torch.equal(yours, one_key_too_many(10, 3, True)) and not torch.equal(expected, yours)
+    page = verdict._repr_html_()
+    assert page.startswith("<pre>❌ sliding_window_mask: case 1 of 4")
+    png = base64.b64decode(page.split("base64,")[1].removesuffix('">'))
+    assert png.startswith(b"\x89PNG")
+    assert check("rms_norm", lambda x, weight, eps: x * weight)._repr_html_() is None

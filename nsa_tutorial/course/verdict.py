@@ -8,8 +8,11 @@ the answer matches one of them, the verdict names the likely cause.
 
 from __future__ import annotations
 
+import base64
 import copy
+import html
 import inspect
+import io
 import linecache
 import sysconfig
 import traceback
@@ -81,11 +84,14 @@ class Exercise:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of checking one exercise; its repr is the message a learner reads."""
+    """The outcome of checking one exercise; its repr is the message a learner reads. A
+    mask or index answer that differs also carries (expected, yours), which a notebook
+    shows side by side under the message."""
 
     name: str
     status: str
     message: str
+    picture: tuple[Tensor, Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -96,6 +102,55 @@ class Verdict:
 
     __str__ = __repr__
 
+    def _repr_html_(self) -> str | None:
+        """In a notebook: the message, then the expected and the learner's answer as
+        pictures (None without a picture: Jupyter then shows the text)."""
+        if self.picture is None:
+            return None
+        text = html.escape(repr(self))
+        image = base64.b64encode(side_by_side_png(*self.picture)).decode("ascii")
+        return f'<pre>{text}</pre><img alt="expected, yours" src="data:image/png;base64,{image}">'
+
+
+def is_mask_or_index(got: Any, expected: Any) -> bool:
+    """Whether a differing answer is a boolean mask or integer indices of the expected
+    shape: those read better as a picture than as a list of positions."""
+    return (
+        isinstance(got, Tensor) and isinstance(expected, Tensor) and got.shape == expected.shape
+        and got.dtype == expected.dtype and expected.dim() >= 1
+        and (expected.dtype == torch.bool or not expected.dtype.is_floating_point)
+    )  # fmt: skip
+
+
+def side_by_side_png(expected: Tensor, got: Tensor) -> bytes:
+    """A PNG: the expected answer, the learner's and where they differ, for the first 2-D
+    slice (leading indices) where they differ."""
+    from matplotlib.figure import Figure  # no pyplot: the notebook's own figures stay as they are
+
+    expected, got = expected.detach().cpu(), got.detach().cpu()
+    where = []
+    while expected.dim() > 2:
+        index = int((expected != got).flatten(1).any(1).nonzero()[0])
+        expected, got, where = expected[index], got[index], [*where, index]
+    if expected.dim() == 1:
+        expected, got = expected[None], got[None]
+    scale = dict(vmin=int(torch.minimum(expected.min(), got.min())),
+                 vmax=int(torch.maximum(expected.max(), got.max())))  # fmt: skip
+    figure = Figure(figsize=(9, 3.2))
+    axes = figure.subplots(1, 3)
+    panels = [("expected", expected), ("yours", got), ("where they differ", expected != got)]
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        options = scale if title != "where they differ" else dict(vmin=0, vmax=1)
+        ax.imshow(values.int(), cmap="Reds" if title == "where they differ" else "Greens",
+                  interpolation="nearest", **options)  # fmt: skip
+        ax.set_title(title)
+    if where:
+        figure.suptitle(f"index {where} of the leading axes")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=72)
+    return buffer.getvalue()
+
 
 def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     """Check `fn` against `exercise` case by case; stop at the first problem. A failing
@@ -103,7 +158,7 @@ def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     verdict = _first_problem(exercise, fn)
     if verdict.status == FAIL and exercise.hints:
         message = f'{verdict.message}\n   Stuck? hint("{exercise.name}") gives the next hint.'
-        return Verdict(verdict.name, FAIL, message)
+        return Verdict(verdict.name, FAIL, message, verdict.picture)
     return verdict
 
 
@@ -142,7 +197,8 @@ def _first_problem(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
                 message += f"\n   Likely cause: {cause}"
             elif pattern := diagnose_difference(got, expected, exercise.atol, exercise.rtol):
                 message += f"\n   Where to look: {pattern}"
-            return Verdict(exercise.name, FAIL, message)
+            picture = (expected, got) if is_mask_or_index(got, expected) else None
+            return Verdict(exercise.name, FAIL, message, picture)
     return Verdict(exercise.name, PASS, f"all {len(cases)} cases match the reference.")
 
 
