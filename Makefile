@@ -19,7 +19,7 @@ $(INSTALLED): pyproject.toml $(LOCK)
 # JupyterLab refuses to run as root (containers) unless told to.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# COURSE_LANG=zh: the Chinese notebooks (notebooks_zh/) and hints (NSA_TUTORIAL_LANG);
+# COURSE_LANG=zh: the Chinese notebooks (notebooks_zh/), hints and verdicts (NSA_TUTORIAL_LANG);
 # English (notebooks/) otherwise.
 COURSE_LANG ?= en
 LAB_FOLDER := $(if $(filter zh,$(COURSE_LANG)),notebooks_zh,notebooks)
@@ -51,11 +51,13 @@ chromium:
 ## unless every exercise passes)
 check: $(INSTALLED)
 	@test -n "$(NB)" || (echo "usage: make check NB=01" && exit 2)
-	@$(BIN)/python -m nsa_tutorial.course check $(NB) $(if $(STRICT),--strict)
+	@NSA_TUTORIAL_LANG=$(COURSE_LANG) $(BIN)/python -m nsa_tutorial.course check $(NB) \
+		$(if $(STRICT),--strict)
 
 ## make progress: every exercise of your notebooks/ in one table (STRICT=1 as for check)
 progress: $(INSTALLED)
-	@$(BIN)/python -m nsa_tutorial.course progress $(if $(STRICT),--strict)
+	@NSA_TUTORIAL_LANG=$(COURSE_LANG) $(BIN)/python -m nsa_tutorial.course progress \
+		$(if $(STRICT),--strict)
 
 ## make exercises: regenerate notebooks/ (and notebooks_zh/) from solutions/
 exercises: $(INSTALLED)

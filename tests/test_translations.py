@@ -11,8 +11,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from nsa_tutorial.course import translations as tr
+from nsa_tutorial.course.language import LANGUAGE_SETTING
 from nsa_tutorial.course.notebooks import NOTEBOOKS, SOLUTIONS
 
 SOLVED = sorted(SOLUTIONS.glob("*.ipynb"))  # every one has a Chinese edition
@@ -129,12 +131,12 @@ def test_hint_speaks_the_course_language(monkeypatch):
     from nsa_tutorial.course.hints import Hints
 
     chinese = tr.load_hint_translations("zh")["rms_norm"]["hints"]
-    monkeypatch.setenv(tr.LANGUAGE_SETTING, "zh")
+    monkeypatch.setenv(LANGUAGE_SETTING, "zh")
     hints = Hints(EXERCISES)
     assert str(hints("rms_norm")).startswith(f"💡 rms_norm，提示 1/3：{chinese[0]}")
     assert "3 条提示都已看过" in str(hints("rms_norm", 3)) + str(hints("rms_norm"))
     for setting in ("en", "fr"):  # English, and English for a language with no translation
-        monkeypatch.setenv(tr.LANGUAGE_SETTING, setting)
+        monkeypatch.setenv(LANGUAGE_SETTING, setting)
         assert str(Hints(EXERCISES)("rms_norm")).startswith("💡 rms_norm, hint 1 of 3: x is")
 
 
@@ -144,4 +146,32 @@ def test_stale_hints_fall_back_to_english():
     assert tr.localized_hints("rms_norm", changed, "zh") == changed
     assert tr.hint_problems({"rms_norm": changed}, "zh")[0] == (
         "hints of rms_norm: stale (the English changed since translated)"
+    )
+
+
+def test_every_verdict_text_has_a_chinese_translation():
+    assert tr.verdict_problems(tr.english_verdict_texts(), "zh") == []
+
+
+def test_verdicts_speak_the_course_language(monkeypatch):
+    from nsa_tutorial.course import check
+    from nsa_tutorial.course.language import say
+
+    def one_key_too_many(seq_len, window, causal):
+        i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+        return (j >= i - window - 1) & (j <= i)
+
+    def stub(seq_len, window, causal):
+        raise NotImplementedError
+
+    monkeypatch.setenv(LANGUAGE_SETTING, "zh")
+    wrong = str(check("sliding_window_mask", one_key_too_many))
+    case = say("case {number} of {total} ({inputs})", number=1, total=4,
+               inputs="seq_len=10, window=3, causal=True")  # fmt: skip
+    assert wrong.startswith(f"❌ sliding_window_mask: {case}") and case.startswith("第")
+    todo = str(check("sliding_window_mask", stub))
+    assert todo.startswith("⏳ sliding_window_mask: ") and "not implemented" not in todo
+    monkeypatch.setenv(LANGUAGE_SETTING, "en")
+    assert str(check("sliding_window_mask", one_key_too_many)).startswith(
+        "❌ sliding_window_mask: case 1 of 4 (seq_len=10, window=3, causal=True)"
     )

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     translations.add_argument("--lang", default="zh", choices=sorted(FOLDERS))
     translations.add_argument("--todo", type=Path, metavar="PATH",
                               help="print a solution notebook's cells left to translate "
-                                   "(JSON); the word hints: the hints left to translate")
+                                   "(JSON); the word hints or verdicts: those left")
     commands.add_parser("env", help="check this machine for the course")
     check = commands.add_parser("check", help="check the exercises of notebooks/NB_*.ipynb")
     check.add_argument("notebook", metavar="NB", help="the notebook's number, e.g. 02")
@@ -87,12 +87,19 @@ def report_translations(lang: str, todo: Path | None) -> int:
     from nsa_tutorial.course.checks import EXERCISES
 
     english_hints = {name: exercise.hints for name, exercise in EXERCISES.items()}
+    verdicts = tr.english_verdict_texts()
     if todo is not None:
-        left = tr.hints_todo(english_hints, lang) if str(todo) == "hints" else tr.todo(todo, lang)
+        if str(todo) == "hints":
+            left = tr.hints_todo(english_hints, lang)
+        elif str(todo) == "verdicts":
+            done = tr.load_verdict_translations(lang)
+            left = {text: "" for text in verdicts if text not in done}
+        else:
+            left = tr.todo(todo, lang)
         print(json.dumps(left, ensure_ascii=False, indent=1))
         return 0
     found = [issue for path in tr.translated_solutions(lang) for issue in tr.problems(path, lang)]
-    found += tr.hint_problems(english_hints, lang)
+    found += tr.hint_problems(english_hints, lang) + tr.verdict_problems(verdicts, lang)
     print("\n".join(found) if found else f"{lang}: every translated notebook is complete, current")
     return 1 if found else 0
 

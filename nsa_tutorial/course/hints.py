@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nsa_tutorial.course.checks import EXERCISES
-from nsa_tutorial.course.translations import course_language, localized_hints
+from nsa_tutorial.course.language import course_language
+from nsa_tutorial.course.translations import localized_hints
 from nsa_tutorial.course.verdict import Exercise
 
 

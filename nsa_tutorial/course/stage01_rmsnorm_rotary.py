@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from nsa_tutorial.course.language import say
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 
 # ---- RMSNorm -------------------------------------------------------------------
@@ -130,9 +131,10 @@ def _diagnose_theta(got, expected, case: Case) -> str | None:
     base = ratios[0].item() ** (-dim_head / 2)
     if abs(base - theta) <= 1e-3 * theta:  # the right base: the difference lies elsewhere
         return None
-    return (
-        f"your frequencies fall off as if theta were {base:.4g}, but theta is {theta:g}. "
-        "Check the base and the exponent -2i / dim_head."
+    return say(
+        "your frequencies fall off as if theta were {base}, but theta is {theta}. "
+        "Check the base and the exponent -2i / dim_head.",
+        base=f"{base:.4g}", theta=f"{theta:g}",
     )
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
 
+from nsa_tutorial.course.language import say
 from nsa_tutorial.course.verdict import Case, Exercise, Mistake
 from nsa_tutorial.kernels import triton_mode
 
@@ -255,9 +256,13 @@ def _plain_error(error: Exception) -> Exception:
     if isinstance(error, CompilationError):
         line = getattr(getattr(error, "node", None), "lineno", None)  # 1 is the `def` line
         lines = (getattr(error, "src", None) or "").splitlines()
-        where = f" at `{lines[line - 1].strip()}`" if line and line <= len(lines) else ""
-        reason = error.error_message or "see the kernel's source"
-        return RuntimeError(f"Triton could not compile your kernel{where}: {reason}")
+        where = ""
+        if line and line <= len(lines):
+            where = say(" at `{line}`", line=lines[line - 1].strip())
+        reason = error.error_message or say("see the kernel's source")
+        return RuntimeError(
+            say("Triton could not compile your kernel{where}: {reason}", where=where, reason=reason)
+        )
     return error
 
 

@@ -16,10 +16,11 @@ language (`notebooks_zh/`), as `make exercises` writes `notebooks/`.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
-import os
+import string
 import tokenize
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,10 +28,11 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
+from nsa_tutorial.course.language import LEARNER_FOLDERS
 from nsa_tutorial.course.notebooks import ROOT, SOLUTIONS, exercise_notebook
 
 TRANSLATIONS = ROOT / "translations"
-FOLDERS = {"zh": ROOT / "notebooks_zh"}  # the learner's notebooks of each language
+FOLDERS = {lang: folder for lang, folder in LEARNER_FOLDERS.items() if lang != "en"}
 DIRECTIVES = ("# NBVAL_", "# BEGIN SOLUTION", "# END SOLUTION", "# noqa", "# fmt:")
 
 
@@ -157,16 +159,7 @@ def todo(solution: Path, lang: str) -> dict[str, dict[str, str]]:
     }
 
 
-# ---- hints: translations/<lang>/hints.json, and the language the package speaks ----------
-
-LANGUAGE_SETTING = "NSA_TUTORIAL_LANG"  # `make lab COURSE_LANG=zh` sets it for the kernels
-
-
-def course_language() -> str:
-    """The language of hints: NSA_TUTORIAL_LANG if it names a translated language, else "en"."""
-    language = os.environ.get(LANGUAGE_SETTING, "en")
-    return language if language in FOLDERS else "en"
-
+# ---- hints: translations/<lang>/hints.json, in the language the course speaks -----------
 
 def hints_path(lang: str) -> Path:
     return TRANSLATIONS / lang / "hints.json"
@@ -215,3 +208,49 @@ def hints_todo(exercises: Mapping[str, Sequence[str]], lang: str) -> dict[str, d
         for name, hints in exercises.items()
         if translated.get(name, {}).get("english") != hints_fingerprint(hints)
     }
+
+
+# ---- verdicts: translations/<lang>/verdicts.json, English text -> translation --------------
+
+
+def verdict_templates() -> list[str]:
+    """Every template the course's checks pass to `say` (read from their source)."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "say"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                found.append(node.args[0].value)
+    return list(dict.fromkeys(found))
+
+
+def english_verdict_texts() -> list[str]:
+    """The English texts of the checks' verdicts: the templates and the known mistakes."""
+    from nsa_tutorial.course.checks import EXERCISES
+
+    mistakes = [m.hint for exercise in EXERCISES.values() for m in exercise.mistakes]
+    return list(dict.fromkeys(verdict_templates() + mistakes))
+
+
+def _fields(text: str) -> set[str]:
+    """The placeholders of a template ({} for a text that is not one)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError:
+        return set()
+
+
+def verdict_problems(texts: Sequence[str], lang: str) -> list[str]:
+    """Texts of the verdicts (templates and known mistakes) with no translation in
+    `lang`, translations whose placeholders differ, and translations of gone texts."""
+    translated = load_verdict_translations(lang)
+    found = [f"verdict text missing: {text!r}" for text in texts if text not in translated]
+    found += [f"verdict text with other placeholders: {text!r}" for text in texts
+              if text in translated and _fields(translated[text]) != _fields(text)]  # fmt: skip
+    gone = sorted(translated.keys() - set(texts))
+    return found + [f"verdict text orphan (no longer used): {text!r}" for text in gone]
+
+
+def load_verdict_translations(lang: str) -> dict[str, str]:
+    path = TRANSLATIONS / lang / "verdicts.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nsa_tutorial.course.language import say, translate
+
 PASS, FAIL, TODO = "pass", "fail", "todo"
 _ICONS = {PASS: "✅", FAIL: "❌", TODO: "⏳"}
 # Frames from these folders are library code, not the learner's: skip them in messages.
@@ -157,7 +159,8 @@ def run_exercise(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     verdict ends with a pointer to the exercise's hints."""
     verdict = _first_problem(exercise, fn)
     if verdict.status == FAIL and exercise.hints:
-        message = f'{verdict.message}\n   Stuck? hint("{exercise.name}") gives the next hint.'
+        stuck = say('Stuck? hint("{name}") gives the next hint.', name=exercise.name)
+        message = f"{verdict.message}\n   {stuck}"
         return Verdict(verdict.name, FAIL, message, verdict.picture)
     return verdict
 
@@ -166,10 +169,12 @@ def _first_problem(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
     if exercise.prepare is not None:
         fn = exercise.prepare(fn)
     if not callable(fn):
-        return Verdict(exercise.name, FAIL, f"expected a function, got {type(fn).__name__}.")
+        return Verdict(exercise.name, FAIL, say("expected a function, got {kind}.",
+                                                kind=type(fn).__name__))
     cases = exercise.make_cases()
     for number, case in enumerate(cases, start=1):
-        where = f"case {number} of {len(cases)} ({case.describe(exercise.spec)})"
+        where = say("case {number} of {total} ({inputs})", number=number, total=len(cases),
+                    inputs=case.describe(exercise.spec))
         args, kwargs = copy.deepcopy(case.args), copy.deepcopy(case.kwargs)
         expected = exercise.spec(*case.args, **case.kwargs)
         try:
@@ -180,46 +185,52 @@ def _first_problem(exercise: Exercise, fn: Callable[..., Any]) -> Verdict:
             message = _exception_message(error, where)
             cause = _mistake_that_raises(exercise, type(error), case)
             if cause:
-                message += f"\n   Likely cause: {cause}"
+                message += "\n   " + say("Likely cause: {cause}", cause=translate(cause))
             return Verdict(exercise.name, FAIL, message)
         if not _same_inputs(args, case.args) or not _same_inputs(kwargs, case.kwargs):
             return Verdict(
                 exercise.name,
                 FAIL,
-                f"{where}: your function changed its inputs in place; "
-                "compute a new tensor instead (avoid `x *= ...`, `x.add_(...)`).",
+                f"{where}: " + say("your function changed its inputs in place; compute a new "
+                                   "tensor instead (avoid `x *= ...`, `x.add_(...)`)."),
             )
         problem = compare(got, expected, exercise.atol, exercise.rtol)
         if problem:
             message = f"{where}: {problem}"
             cause = _likely_cause(exercise, got, expected, case)
             if cause:
-                message += f"\n   Likely cause: {cause}"
+                message += "\n   " + say("Likely cause: {cause}", cause=translate(cause))
             elif pattern := diagnose_difference(got, expected, exercise.atol, exercise.rtol):
-                message += f"\n   Where to look: {pattern}"
+                message += "\n   " + say("Where to look: {pattern}", pattern=pattern)
             picture = (expected, got) if is_mask_or_index(got, expected) else None
             return Verdict(exercise.name, FAIL, message, picture)
-    return Verdict(exercise.name, PASS, f"all {len(cases)} cases match the reference.")
+    return Verdict(exercise.name, PASS, say("all {total} cases match the reference.",
+                                            total=len(cases)))
 
 
 def compare(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5) -> str | None:
     """Describe how `got` differs from `expected` (type, shape, dtype, values); None if equal."""
     if isinstance(expected, tuple):
         if not isinstance(got, tuple) or len(got) != len(expected):
-            return f"returned {_describe_value(got)}, expected a tuple of {len(expected)}."
+            return say("returned {value}, expected a tuple of {count}.",
+                       value=_describe_value(got), count=len(expected))
         for index, (part, wanted) in enumerate(zip(got, expected, strict=True)):
             problem = compare(part, wanted, atol, rtol)
             if problem:
                 return f"output[{index}]: {problem}"
         return None
     if not isinstance(expected, Tensor):
-        return None if got == expected else f"got {got!r}, expected {expected!r}."
+        return None if got == expected else say("got {got}, expected {expected}.",
+                                                got=repr(got), expected=repr(expected))
     if not isinstance(got, Tensor):
-        return f"returned {type(got).__name__}, expected a tensor of shape {_shape(expected)}."
+        return say("returned {kind}, expected a tensor of shape {shape}.",
+                   kind=type(got).__name__, shape=_shape(expected))
     if got.shape != expected.shape:
-        return f"output has shape {_shape(got)}, expected {_shape(expected)}."
+        return say("output has shape {got}, expected {expected}.", got=_shape(got),
+                   expected=_shape(expected))
     if got.dtype != expected.dtype:
-        return f"output has dtype {got.dtype}, expected {expected.dtype}."
+        return say("output has dtype {got}, expected {expected}.", got=got.dtype,
+                   expected=expected.dtype)
     differs = _differing(got, expected, atol, rtol)
     if not differs.any():
         return None
@@ -237,20 +248,23 @@ def _describe_differences(got: Tensor, expected: Tensor, differs: Tensor) -> str
     count, total = int(differs.sum()), differs.numel()
     positions = differs.nonzero()[:3].tolist()
     shown = "; ".join(
-        f"at {pos} got {_number(got[tuple(pos)])}, expected {_number(expected[tuple(pos)])}"
+        say("at {position} got {got}, expected {expected}", position=pos,
+            got=_number(got[tuple(pos)]), expected=_number(expected[tuple(pos)]))
         for pos in positions
-    )
-    lines = [f"{count} of {total} values differ: {shown}."]
+    )  # fmt: skip
+    lines = [say("{count} of {total} values differ: {shown}.", count=count, total=total,
+                 shown=shown)]  # fmt: skip
     broken = got.is_floating_point() and (~got.isfinite() & expected.isfinite()).any()
     if broken:
         what = "NaN" if got.isnan().any() else "inf"
-        lines.append(
-            f"Your output contains {what} (a division by zero, a softmax over -inf only, or "
-            "exp() of large scores that overflowed: subtract each row's maximum first?)."
-        )
+        lines.append(say(
+            "Your output contains {what} (a division by zero, a softmax over -inf only, or "
+            "exp() of large scores that overflowed: subtract each row's maximum first?).",
+            what=what,
+        ))  # fmt: skip
     elif got.is_floating_point():
         error = (got - expected).abs().nan_to_num(nan=float("inf"))
-        lines.append(f"Largest difference: {_number(error.max())}.")
+        lines.append(say("Largest difference: {error}.", error=_number(error.max())))
     return "\n   ".join(lines)
 
 
@@ -324,7 +338,7 @@ def _transposed(got: Tensor, expected: Tensor, close: _Close) -> str | None:
     """got equals expected with its last two axes swapped."""
     if got.ndim < 2 or got.shape[-1] != got.shape[-2] or not close(got, expected.mT):
         return None
-    return (
+    return say(
         "your output equals the reference transposed (its last two axes swapped): check "
         "which axis is the query and which the key."
     )
@@ -337,15 +351,17 @@ def _mask_direction(got: Tensor, expected: Tensor, close: _Close) -> str | None:
     extra, missing = got & ~expected, ~got & expected
     if extra.any() and not missing.any():
         first = extra.nonzero()[0].tolist()
-        return (
-            f"your mask differs only where the reference is False: it is True at "
-            f"{int(extra.sum())} positions it must hide (the first at {first})."
+        return say(
+            "your mask differs only where the reference is False: it is True at "
+            "{count} positions it must hide (the first at {first}).",
+            count=int(extra.sum()), first=first,
         )
     if missing.any() and not extra.any():
         first = missing.nonzero()[0].tolist()
-        return (
-            f"your mask differs only where the reference is True: it hides "
-            f"{int(missing.sum())} positions it must show (the first at {first})."
+        return say(
+            "your mask differs only where the reference is True: it hides "
+            "{count} positions it must show (the first at {first}).",
+            count=int(missing.sum()), first=first,
         )
     return None
 
@@ -360,9 +376,10 @@ def _scaled(got: Tensor, expected: Tensor, close: _Close) -> str | None:
     factor = float((got * expected).sum() / norm)
     if abs(factor - 1) < 1e-3 or not close(got, factor * expected):
         return None
-    return (
-        f"your output is the reference times {factor:.4g}, everywhere: right up to a "
-        "constant factor (a scale, a mean against a sum, a missing or extra division?)."
+    return say(
+        "your output is the reference times {factor}, everywhere: right up to a "
+        "constant factor (a scale, a mean against a sum, a missing or extra division?).",
+        factor=f"{factor:.4g}",
     )
 
 
@@ -384,12 +401,17 @@ def _shifted(got: Tensor, expected: Tensor, close: _Close) -> str | None:
 
 def _shift_message(axis: int, step: int) -> str:
     """The shift found by `_shifted`, in words."""
-    direction = "later" if step > 0 else "earlier"
-    amount = "one position" if abs(step) == 1 else f"{abs(step)} positions (one block?)"
-    return (
-        f"your output is the reference shifted by {amount} along axis {axis}: what belongs "
-        f"at index i sits at index i {'+' if step > 0 else '-'} {abs(step)} ({direction}). "
-        "Look for an off-by-one in a position, a block number or a comparison (< against <=)."
+    direction = say("later") if step > 0 else say("earlier")
+    if abs(step) == 1:
+        amount = say("one position")
+    else:
+        amount = say("{count} positions (one block?)", count=abs(step))
+    return say(
+        "your output is the reference shifted by {amount} along axis {axis}: what belongs "
+        "at index i sits at index i {sign} {step} ({direction}). "
+        "Look for an off-by-one in a position, a block number or a comparison (< against <=).",
+        amount=amount, axis=axis, sign="+" if step > 0 else "-", step=abs(step),
+        direction=direction,
     )
 
 
@@ -403,30 +425,37 @@ def _one_index(got: Tensor, expected: Tensor, close: _Close) -> str | None:
         others = [a for a in range(got.ndim) if a != axis]
         rows = differs.any(dim=others).nonzero().flatten().tolist() if others else []
         if axis == 1 and got.ndim >= 4 and len(rows) < got.shape[1]:
-            which = f"head {rows[0]} differs" if len(rows) == 1 else f"heads {rows} differ"
-            return (
-                f"only {which} (axis 1); the other heads match: check how each query head "
-                "finds its key/value or importance head (h // group, not h % kv_heads)."
+            if len(rows) == 1:
+                which = say("head {head} differs", head=rows[0])
+            else:
+                which = say("heads {heads} differ", heads=rows)
+            return say(
+                "only {which} (axis 1); the other heads match: check how each query head "
+                "finds its key/value or importance head (h // group, not h % kv_heads).",
+                which=which,
             )
         if got.shape[axis] > 1 and len(rows) == 1:
-            return (
-                f"only index {rows[0]} along axis {axis} differs; the rest matches: look at "
-                "what is special there (a first or last position, a partial block?)."
+            return say(
+                "only index {index} along axis {axis} differs; the rest matches: look at "
+                "what is special there (a first or last position, a partial block?).",
+                index=rows[0], axis=axis,
             )
     return None
 
 
 def _not_implemented_message(error: NotImplementedError) -> str:
     detail = f" ({error})" if str(error) else ""
-    return f"not implemented yet{detail}. Replace the stub with your code, then check again."
+    return say("not implemented yet{detail}. Replace the stub with your code, then check again.",
+               detail=detail)
 
 
 def _exception_message(error: Exception, where: str) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0]
-    message = f"{where}: your function raised {type(error).__name__}: {first_line}"
+    message = f"{where}: " + say("your function raised {kind}: {line}",
+                                 kind=type(error).__name__, line=first_line)
     line = _learner_line(error)
     if line:
-        message += f"\n   In your code: {line}"
+        message += "\n   " + say("In your code: {line}", line=line)
     return message
 
 
@@ -441,7 +470,8 @@ def _learner_line(error: Exception) -> str | None:
         return None
     frame = frames[-1]
     source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-    return f"line {frame.lineno} of {frame.name}: `{source}`"
+    return say("line {number} of {function}: `{source}`", number=frame.lineno,
+               function=frame.name, source=source)
 
 
 def _same_inputs(now: Any, before: Any) -> bool:
