@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from nsa_tutorial.course.language import LANGUAGE_SETTING
 from nsa_tutorial.course.notebooks import ROOT, SOLUTIONS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -62,8 +63,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def lab(tmp_path):
-    """JupyterLab on a copy of the course (so nothing it saves lands in the repository)."""
+def lab(tmp_path, request):
+    """JupyterLab on a copy of the course (so nothing it saves lands in the repository),
+    its kernels speaking the language given as the fixture's parameter (English by default)."""
+    language = getattr(request, "param", "en")
     shutil.copytree(SOLUTIONS, tmp_path / "solutions")
     shutil.copytree(ROOT / "notebooks_zh", tmp_path / "notebooks_zh")
     shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks")
@@ -83,7 +86,8 @@ def lab(tmp_path):
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+             LANGUAGE_SETTING: language},  # fmt: skip
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -99,6 +103,16 @@ def lab(tmp_path):
     server.wait(timeout=30)
 
 
+def open_and_run_all(page, url: str, ready: str) -> None:
+    """Open a notebook, wait for `ready` (a selector) and the kernel, then Run All Cells."""
+    page.goto(url)
+    page.wait_for_selector(ready, timeout=60_000)
+    # the status bar reads "Python 3 (ipykernel) | Idle" once the kernel is ready
+    page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
+    page.click("li.lm-MenuBar-item:has-text('Run')")
+    page.click("li.lm-Menu-item:has-text('Run All Cells')")
+
+
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)"
 )
@@ -109,12 +123,8 @@ def test_explorer_renders_and_a_slider_redraws_it(lab):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        page.goto(f"{base}/lab/tree/solutions/06_gating_assembly.ipynb?token={token}")
-        page.wait_for_selector(".jp-Notebook", timeout=60_000)
-        # the status bar reads "Python 3 (ipykernel) | Idle" once the kernel is ready
-        page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
-        page.click("li.lm-MenuBar-item:has-text('Run')")
-        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        url = f"{base}/lab/tree/solutions/06_gating_assembly.ipynb?token={token}"
+        open_and_run_all(page, url, ".jp-Notebook")
         page.wait_for_selector(".widget-slider", timeout=180_000)  # widgets, not their text form
         image = page.locator(".jupyter-widgets img").last
         image.wait_for(timeout=60_000)
@@ -138,6 +148,7 @@ def test_explorer_renders_and_a_slider_redraws_it(lab):
 @pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)"
 )
+@pytest.mark.parametrize("lab", ["zh"], indirect=True)
 def test_chinese_notebook_draws_its_characters_and_verdicts(lab):
     from playwright.sync_api import sync_playwright
 
@@ -145,18 +156,16 @@ def test_chinese_notebook_draws_its_characters_and_verdicts(lab):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        page.goto(f"{base}/lab/tree/notebooks_zh/05_sliding_window.ipynb?reset&token={token}")
-        title = page.locator("h1:has-text('滑动窗口')").first
-        title.wait_for(timeout=60_000)
-        page.wait_for_function("() => document.body.innerText.includes('| Idle')", timeout=120_000)
-        page.click("li.lm-MenuBar-item:has-text('Run')")
-        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        url = f"{base}/lab/tree/notebooks_zh/05_sliding_window.ipynb?reset&token={token}"
+        open_and_run_all(page, url, "h1:has-text('滑动窗口')")
         # the exercises are stubs: their check cells answer "not implemented yet"
         verdict = page.locator(".jp-OutputArea-output:has-text('⏳')").locator("visible=true")
         verdict.first.wait_for(timeout=180_000)
+        said = verdict.first.inner_text()
         drawn = page.evaluate(DRAWN, ["滑", "⏳", "✅", "\U0010fffd"])
         CHINESE_SCREENSHOT.parent.mkdir(exist_ok=True)
         verdict.first.scroll_into_view_if_needed()
         page.screenshot(path=CHINESE_SCREENSHOT)
         browser.close()
     assert drawn == [True, True, True, False], "a CJK or emoji font is missing (make test)"
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in said), f"the verdict is not Chinese: {said}"
