@@ -16,7 +16,6 @@ from nsa_tutorial.fine_attention import fine_attention_gathered
 # nsa_tutorial.kernels decides on the interpreter before Triton is imported (macOS: skip)
 kernels = pytest.importorskip("nsa_tutorial.kernels.selection")
 invert_selection, selection_attention = kernels.invert_selection, kernels.selection_attention
-visible_blocks = kernels.visible_blocks
 # how the forward and dq kernels take each query tile: all by the shared-tile kernels, or
 # all by the per-token walk; with "tiles", the dk, dv kernel also cuts each key block's
 # readers into chunks of 4 (so most blocks are split and summed afterwards)
@@ -146,17 +145,6 @@ def test_int32_indices_and_a_block_selected_twice(path):
     expected_grads = torch.autograd.grad(expected.sum(), inputs)
     for actual, wanted in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
-
-
-def test_visible_blocks_drops_unselected_and_non_past_blocks():
-    indices = torch.tensor([[[[0, 1], [0, 1], [1, 0], [2, 1], [2, 0]]]])  # (1, 1, 5, 2)
-    selected = torch.tensor([[[[1, 1], [1, 0], [1, 1], [1, 1], [0, 1]]]], dtype=torch.bool)
-    # own blocks: 0, 0, 1, 1, 2
-    causal = visible_blocks(indices, selected, block_size=2, causal=True)
-    assert causal.tolist() == [[[[-1, -1], [-1, -1], [-1, 0], [-1, -1], [-1, 0]]]]
-    free = visible_blocks(indices, selected, block_size=2, causal=False)
-    assert free.tolist() == [[[[0, 1], [0, -1], [1, 0], [2, 1], [-1, 0]]]]
-    assert causal.dtype == torch.int32
 
 
 def test_invert_selection_lists_each_blocks_readers():

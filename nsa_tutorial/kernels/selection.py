@@ -609,21 +609,7 @@ def _sum_partials_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-# ---- what the kernels are given: read blocks, the tile plan, the inverted index ---------
-
-
-def visible_blocks(indices: Tensor, selected: Tensor, *, block_size: int, causal: bool) -> Tensor:
-    """The blocks each query reads, (b, h, n, s) int32, NO_BLOCK where it reads none.
-
-    A slot is dropped where `selected` is False and, with the block-causal diagonal
-    (causal), where the block is not strictly before the query's own (the diagonal
-    covers the own block; later blocks are the future).
-    """
-    keep = selected
-    if causal:
-        own = torch.arange(indices.shape[-2], device=indices.device) // block_size
-        keep = keep & (indices < own[:, None])
-    return torch.where(keep, indices, NO_BLOCK).to(torch.int32)
+# ---- what the kernels are given: the tile plan, the inverted index ---------------------
 
 
 @triton.jit
