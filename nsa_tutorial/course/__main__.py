@@ -85,6 +85,7 @@ def report_translations(lang: str, todo: Path | None) -> int:
 
     from nsa_tutorial.course import translations as tr
     from nsa_tutorial.course.checks import EXERCISES
+    from nsa_tutorial.course.language import translated_texts
 
     english_hints = {name: exercise.hints for name, exercise in EXERCISES.items()}
     verdicts = tr.english_verdict_texts()
@@ -92,7 +93,7 @@ def report_translations(lang: str, todo: Path | None) -> int:
         if str(todo) == "hints":
             left = tr.hints_todo(english_hints, lang)
         elif str(todo) == "verdicts":
-            done = tr.load_verdict_translations(lang)
+            done = translated_texts(lang)
             left = {text: "" for text in verdicts if text not in done}
         else:
             left = tr.todo(todo, lang)

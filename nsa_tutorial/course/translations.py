@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from nsa_tutorial.course.language import LEARNER_FOLDERS
+from nsa_tutorial.course.language import LEARNER_FOLDERS, translated_texts
 from nsa_tutorial.course.notebooks import ROOT, SOLUTIONS, exercise_notebook
 
 TRANSLATIONS = ROOT / "translations"
@@ -243,14 +243,9 @@ def _fields(text: str) -> set[str]:
 def verdict_problems(texts: Sequence[str], lang: str) -> list[str]:
     """Texts of the verdicts (templates and known mistakes) with no translation in
     `lang`, translations whose placeholders differ, and translations of gone texts."""
-    translated = load_verdict_translations(lang)
+    translated = translated_texts(lang)
     found = [f"verdict text missing: {text!r}" for text in texts if text not in translated]
     found += [f"verdict text with other placeholders: {text!r}" for text in texts
               if text in translated and _fields(translated[text]) != _fields(text)]  # fmt: skip
     gone = sorted(translated.keys() - set(texts))
     return found + [f"verdict text orphan (no longer used): {text!r}" for text in gone]
-
-
-def load_verdict_translations(lang: str) -> dict[str, str]:
-    path = TRANSLATIONS / lang / "verdicts.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
