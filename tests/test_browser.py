@@ -103,6 +103,19 @@ def lab(tmp_path, request):
     server.wait(timeout=30)
 
 
+@pytest.fixture
+def page():
+    """A headless Chromium page (the test is skipped without Debian's chromium)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser.new_page(viewport={"width": 1200, "height": 1400})
+        browser.close()
+
+
 def open_and_run_all(page, url: str, ready: str) -> None:
     """Open a notebook, wait for `ready` (a selector) and the kernel, then Run All Cells."""
     page.goto(url)
@@ -113,59 +126,41 @@ def open_and_run_all(page, url: str, ready: str) -> None:
     page.click("li.lm-Menu-item:has-text('Run All Cells')")
 
 
-@pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)"
-)
-def test_explorer_renders_and_a_slider_redraws_it(lab):
-    from playwright.sync_api import sync_playwright
-
+def test_explorer_renders_and_a_slider_redraws_it(page, lab):
     base, token = lab
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        url = f"{base}/lab/tree/solutions/06_gating_assembly.ipynb?token={token}"
-        open_and_run_all(page, url, ".jp-Notebook")
-        page.wait_for_selector(".widget-slider", timeout=180_000)  # widgets, not their text form
-        image = page.locator(".jupyter-widgets img").last
-        image.wait_for(timeout=60_000)
-        before = image.get_attribute("src")
-        handle = page.locator(".widget-slider:has(label:has-text('query')) .noUi-handle").last
-        handle.focus()
-        for _ in range(10):
-            page.keyboard.press("ArrowLeft")
-        page.wait_for_function(LAST_IMAGE_CHANGED, arg=before, timeout=60_000)
-        page.wait_for_selector(".widget-html:has-text('query 85')", timeout=60_000)
-        news = page.get_by_role("button", name="No")  # the "get Jupyter news?" pop-up
-        if news.count():
-            news.first.click()
-            news.first.wait_for(state="detached")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.locator(".jp-OutputArea-output:has(.widget-slider)").last.screenshot(path=SCREENSHOT)
-        browser.close()
+    url = f"{base}/lab/tree/solutions/06_gating_assembly.ipynb?token={token}"
+    open_and_run_all(page, url, ".jp-Notebook")
+    page.wait_for_selector(".widget-slider", timeout=180_000)  # widgets, not their text form
+    image = page.locator(".jupyter-widgets img").last
+    image.wait_for(timeout=60_000)
+    before = image.get_attribute("src")
+    handle = page.locator(".widget-slider:has(label:has-text('query')) .noUi-handle").last
+    handle.focus()
+    for _ in range(10):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(LAST_IMAGE_CHANGED, arg=before, timeout=60_000)
+    page.wait_for_selector(".widget-html:has-text('query 85')", timeout=60_000)
+    news = page.get_by_role("button", name="No")  # the "get Jupyter news?" pop-up
+    if news.count():
+        news.first.click()
+        news.first.wait_for(state="detached")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.locator(".jp-OutputArea-output:has(.widget-slider)").last.screenshot(path=SCREENSHOT)
     assert SCREENSHOT.stat().st_size > 10_000
 
 
-@pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)"
-)
 @pytest.mark.parametrize("lab", ["zh"], indirect=True)
-def test_chinese_notebook_draws_its_characters_and_verdicts(lab):
-    from playwright.sync_api import sync_playwright
-
+def test_chinese_notebook_draws_its_characters_and_verdicts(page, lab):
     base, token = lab
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1400})
-        url = f"{base}/lab/tree/notebooks_zh/05_sliding_window.ipynb?reset&token={token}"
-        open_and_run_all(page, url, "h1:has-text('滑动窗口')")
-        # the exercises are stubs: their check cells answer "not implemented yet"
-        verdict = page.locator(".jp-OutputArea-output:has-text('⏳')").locator("visible=true")
-        verdict.first.wait_for(timeout=180_000)
-        said = verdict.first.inner_text()
-        drawn = page.evaluate(DRAWN, ["滑", "⏳", "✅", "\U0010fffd"])
-        CHINESE_SCREENSHOT.parent.mkdir(exist_ok=True)
-        verdict.first.scroll_into_view_if_needed()
-        page.screenshot(path=CHINESE_SCREENSHOT)
-        browser.close()
+    url = f"{base}/lab/tree/notebooks_zh/05_sliding_window.ipynb?reset&token={token}"
+    open_and_run_all(page, url, "h1:has-text('滑动窗口')")
+    # the exercises are stubs: their check cells answer "not implemented yet"
+    verdict = page.locator(".jp-OutputArea-output:has-text('⏳')").locator("visible=true")
+    verdict.first.wait_for(timeout=180_000)
+    said = verdict.first.inner_text()
+    drawn = page.evaluate(DRAWN, ["滑", "⏳", "✅", "\U0010fffd"])
+    CHINESE_SCREENSHOT.parent.mkdir(exist_ok=True)
+    verdict.first.scroll_into_view_if_needed()
+    page.screenshot(path=CHINESE_SCREENSHOT)
     assert drawn == [True, True, True, False], "a CJK or emoji font is missing (make test)"
     assert any("\u4e00" <= ch <= "\u9fff" for ch in said), f"the verdict is not Chinese: {said}"
