@@ -263,9 +263,14 @@ class SparseAttention(nn.Module):
 
     def kernel_top_blocks(self, q: Tensor, ck: Tensor) -> tuple[Tensor, Tensor]:
         """The kernel path's top-n (values, indices) (b, h_sel, n, s): importance from
-        block keys (`nsa_tutorial.kernels.importance`), no (n, w) tensor."""
+        block keys (`nsa_tutorial.kernels.importance`), no (n, w) tensor; in one Triton
+        pass (`nsa_tutorial.kernels.top_blocks`) unless diff-topk needs its gradient."""
         with self._importance_grad():
-            return top_blocks_from_keys(
+            if torch.is_grad_enabled():
+                find = top_blocks_from_keys
+            else:
+                from nsa_tutorial.kernels.top_blocks import top_blocks_kernel as find
+            return find(
                 q, ck, num_selected=self.num_selected_blocks,
                 stride=self.compress_block_sliding_stride,
                 selection_block=self.selection_block_size, group_size=self._selection_group,

@@ -226,16 +226,19 @@ def test_split_key_blocks_give_the_same_gradients_every_time(monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
-def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
+@pytest.mark.parametrize("diff_topk", [True, False], ids=["diff-topk", "plain-topk"])
+def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_topk):
+    """Every kernel the layer has is called (the one-pass top-n where diff-topk does not
+    need the importance's gradient), and output and gradients equal the PyTorch path's."""
     from nsa_tutorial import SparseAttention
-    from nsa_tutorial.kernels import compressed, glue
+    from nsa_tutorial.kernels import compressed, glue, top_blocks
     from nsa_tutorial.kernels import selection as kernel_module
 
     torch.manual_seed(0)
     config = dict(
         dim=32, dim_head=16, heads=4, kv_heads=2, sliding_window_size=4,
         compress_block_size=4, compress_block_sliding_stride=2, selection_block_size=4,
-        num_selected_blocks=2, use_diff_topk=True, causal=causal,
+        num_selected_blocks=2, use_diff_topk=diff_topk, causal=causal,
         query_heads_share_selected_kv=shared,
     )
     plain = SparseAttention(**config)
@@ -249,7 +252,7 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     calls = []
     kernels = (
         (kernel_module, "selection_attention"), (compressed, "compressed_attention"),
-        (glue, "rotary_triton"), (glue, "gated_sum_triton"),
+        (glue, "rotary_triton"), (glue, "gated_sum_triton"), (top_blocks, "top_blocks_kernel"),
     )  # fmt: skip
     for module, name in kernels:
         original = getattr(module, name)
@@ -260,15 +263,16 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared):
     expected.mean().backward()
     out = fast(x)
     out.mean().backward()
-    assert sorted(calls) == [
+    expected_calls = [
         "compressed_attention", "gated_sum_triton", "rotary_triton", "rotary_triton",
-        "selection_attention",
+        "selection_attention", *([] if diff_topk else ["top_blocks_kernel"]),
     ]  # fmt: skip
+    assert sorted(calls) == expected_calls
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
     fast(x, disable_triton_kernel=True)
-    assert len(calls) == 5
+    assert len(calls) == len(expected_calls)
 
 
 @pytest.mark.parametrize(
