@@ -41,6 +41,7 @@ import peer_stacks  # noqa: E402
 from gpu_run import peak_gib, run_record  # noqa: E402
 
 from nsa_tutorial import SparseAttention  # noqa: E402
+from nsa_tutorial.kernels.importance import top_blocks_from_keys  # noqa: E402
 
 CONFIG = dict(
     dim=2048, dim_head=128, heads=64, kv_heads=4, sliding_window_size=512,
@@ -91,8 +92,8 @@ def timings(step: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...]) 
 @torch.no_grad()
 def breakdown(model: SparseAttention, x: torch.Tensor) -> dict[str, float]:
     """Forward time (ms) of each stage of the kernel path, on the previous stage's outputs;
-    the glue both ways: eager PyTorch (the path before notebook 10's glue kernels) and the
-    Triton kernels the layer now uses."""
+    the glue and the top-n both ways: eager PyTorch (the path before notebook 10's glue
+    kernels, the chunks before the one-pass top-n) and the Triton kernels the layer uses."""
     steps: dict[str, Callable[[], object]] = {}
     h = model.norm(x)
     q, k, v = model.project_heads(h)
@@ -101,7 +102,12 @@ def breakdown(model: SparseAttention, x: torch.Tensor) -> dict[str, float]:
     steps["compression MLP"] = lambda: model.compressed_tokens(k, v)
     steps["compressed attention"] = lambda: model.kernel_compressed_attention(q, ck, cv)
     compressed, top = model.compressed_branch(q, ck, cv, use_kernels=True)
-    steps["importance + top-n"] = lambda: model.kernel_top_blocks(q, ck)
+    steps["importance + top-n, eager"] = lambda: top_blocks_from_keys(
+        q, ck, num_selected=model.num_selected_blocks, stride=model.compress_block_sliding_stride,
+        selection_block=model.selection_block_size, group_size=model._selection_group,
+        interpolate=model.interpolated_importance_score, causal=model.causal, scale=model.scale,
+    )  # fmt: skip
+    steps["importance + top-n, kernel"] = lambda: model.kernel_top_blocks(q, ck)
     rq, rk = model.rotate(q, use_kernels=True), model.rotate(k, use_kernels=True)
     steps["rotary, eager"] = lambda: (model.rotate(q), model.rotate(k))
     steps["rotary, kernel"] = lambda: (model.rotate(q, True), model.rotate(k, True))

@@ -5,8 +5,9 @@ Run from the repository root with the kernel before issue 13 saved as a file:
     git show f7848b3:nsa_tutorial/kernels/selection.py > .bench/selection_today.py
     OUT=benchmarks python benchmarks/selection_tuning_gpu.py --round 1   # or --round 2
 
-writes $OUT/tune.json (committed as selection_tuning_round1_gpu.json and
-selection_tuning_round2_gpu.json). Issue 7's shape (64 query heads, 4 kv heads, d 128,
+writes $OUT/tune.json (committed as selection_tuning_round1_gpu.json,
+selection_tuning_round2_gpu.json and selection_tuning_round3_gpu.json; round 3 needs no
+earlier kernel). Issue 7's shape (64 query heads, 4 kv heads, d 128,
 blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier kernel.
 
 - Round 1 ran on a work-in-progress of the new kernel (its tile plan built by PyTorch
@@ -17,6 +18,7 @@ blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier k
   held in registers): today against new on every pattern at 16k and 64k, the cost of
   the plan, the inverted index and the chunking, TILE_COST_LIMIT again (2.5 chosen), and
   GQA groups 1, 2, 4, 16 with SDPA beside them.
+- Round 3: WIDE_LAUNCH, the settings for heads 192 and 256 wide, at 32k on pattern (c).
 """
 
 import argparse
@@ -167,10 +169,52 @@ def groups(old, res, shapes, patterns):
     res["groups"] = rows
 
 
+def wide_heads(res, n=32768):
+    """Round 3: WIDE_LAUNCH for heads 192 and 256 wide, one kernel at a time from the
+    table's settings (pattern c, G = 16): the walk with every tile walked, the tile kernels
+    with every tile shared, the dk, dv kernel; d = 128 beside them for the work per unit."""
+    rows = []
+    for d in (128, 192, 256):
+        q, k, v, idx, sel, go = inputs(n, "local_shared", d=d)
+        table = K.WIDE_LAUNCH if d > 128 else K.LAUNCH
+        base, chosen = dict(table), K.TILE_COST_LIMIT
+        variants = [("table", {}, chosen)]
+        variants += [(f"walk warps={w}", {"forward": K.Launch(w, 1), "dq": K.Launch(w, 1)}, -1.0)
+                     for w in (2, 4, 8)]  # fmt: skip
+        variants += [(f"tiles rows={r} warps={w}", {"tile_forward": K.Launch(w, 1, rows=r),
+                                                     "tile_dq": K.Launch(w, 1)}, float("inf"))
+                     for r in (32, 64) for w in (4, 8)]  # fmt: skip
+        variants += [(f"dkv rows={r} warps={w}", {"dkv": K.Launch(w, 1, rows=r, chunk=2048)},
+                      chosen) for r in (32, 64) for w in (4, 8)]  # fmt: skip
+        for name, change, limit in variants:
+            if d == 128 and name != "table":
+                continue
+            table.update(change)
+            K.TILE_COST_LIMIT = limit
+            try:
+                r = dict(d=d, variant=name, fwd=fwd(K, q, k, v, idx, sel),
+                         fb=fwd_bwd(K, q, k, v, idx, sel, go))  # fmt: skip
+            except Exception as error:  # out of shared memory or registers: recorded
+                r = dict(d=d, variant=name, error=f"{type(error).__name__}: {str(error)[:200]}")
+            table.clear()
+            table.update(base)
+            K.TILE_COST_LIMIT = chosen
+            print(r, flush=True)
+            rows.append(r)
+    res["wide_heads"] = rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--round", type=int, choices=(1, 2), required=True)
+    parser.add_argument("--round", type=int, choices=(1, 2, 3), required=True)
     args = parser.parse_args()
+    if args.round == 3:
+        res = {"launch": {name: dataclasses.asdict(launch)
+                          for name, launch in K.WIDE_LAUNCH.items()}}  # fmt: skip
+        wide_heads(res)
+        with open(f"{OUT}/tune.json", "w") as f:
+            json.dump(res, f, indent=1)
+        return
     old, res, sweep = load_today(), {}, {}
     res["check_vs_today"] = check(old)
     if args.round == 1:

@@ -13,6 +13,10 @@ from collections.abc import Callable, Iterable
 HEADS = [(2, 2), (4, 2), (4, 1)]  # (heads, kv_heads): one query head per kv head, GQA, MQA
 COMPRESSION = [(4, 4), (8, 4), (4, 2)]  # (compress_block_size, stride): plain, overlapping
 NUM_SELECTED = [0, 2]  # 0: the own block only
+# the importance mappings (stride, selection_block, interpolate) that the top-n tests
+# cross: remapped, equal, interpolated, selection blocks smaller than the stride
+IMPORTANCE_CASES = [(4, 4, False), (4, 8, False), (2, 8, False), (4, 6, True), (4, 3, True),
+                    (8, 4, True)]  # fmt: skip
 # (selection_block_size, interpolated_importance_score) for a compression stride
 Selection = Callable[[int], Iterable[tuple[int, bool]]]
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from grids import IMPORTANCE_CASES
 
 from nsa_tutorial.compress import compressed_attention, prepend_memory
 from nsa_tutorial.course.stage03_importance import (
@@ -92,15 +93,6 @@ def test_hidden_blocks_get_no_probability():
     assert importance_scores(logits, 1, 4, 4, group_size=1).max() == 0
 
 
-IMPORTANCE_CASES = [
-    # (stride, selection_block, interpolate): remapped, equal, interpolated, smaller than stride
-    (4, 4, False),
-    (4, 8, False),
-    (2, 8, False),
-    (4, 6, True),
-    (4, 3, True),
-    (8, 4, True),
-]
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -27,7 +27,8 @@ def path(request, monkeypatch):
     """Run the test with every tile on one path (see PATHS)."""
     monkeypatch.setattr(kernels, "TILE_COST_LIMIT", PATHS[request.param])
     if request.param == "tiles":
-        monkeypatch.setitem(kernels.LAUNCH, "dkv", replace(kernels.LAUNCH["dkv"], chunk=4))
+        for table in (kernels.LAUNCH, kernels.WIDE_LAUNCH):
+            monkeypatch.setitem(table, "dkv", replace(table["dkv"], chunk=4))
     return request.param
 
 
@@ -105,8 +106,9 @@ def test_half_precision(dtype, causal):
     assert_close_in_half_precision(out, expected, inputs)
 
 
-@pytest.mark.parametrize("d", [64, 256])
-def test_wide_heads(d):
+@pytest.mark.parametrize("d", [64, 192, 256])
+def test_wide_heads(path, d):
+    """Heads of every width up to 256 (over 128: WIDE_LAUNCH's settings), both paths."""
     q, k, v, indices, selected, gates = random_problem(1, 1, 2, 20, d, 8, 2, True, torch.float32, 5)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     out = selection_attention(q, k, v, indices, selected, block_size=8, scale=0.3)

@@ -14,6 +14,10 @@ from nsa_tutorial import SparseAttention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLOAT32_TOLERANCE = 1e-4  # relative, over a whole tensor
+# ... except the memory tokens: every query sees them, so their gradient sums n * G terms
+# that nearly cancel (softmax), added by the compressed kernel's float32 atomics in any
+# order; 1.2e-4 seen once (non-causal, G = 1, H200, 2026-11-29)
+FLOAT32_CANCELLING = {"compress_mem_kv": 1e-3}
 # bfloat16: the kernels' error against float32 at most this times the PyTorch path's
 # (sums like the compression MLP's bias gradient lose ~10% in both; 1.85x seen on an H200)
 BFLOAT16_FACTOR = 2.0
@@ -51,7 +55,8 @@ def test_kernel_path_equals_pytorch_path(causal, heads, n):
     fast = outputs_and_gradients(model, x)
     names = ["output", "d input", *(n for n, p in model.named_parameters() if p.requires_grad)]
     errors = {n: relative_error(a, b) for n, a, b in zip(names, fast, reference, strict=False)}
-    assert max(errors.values()) < FLOAT32_TOLERANCE, errors
+    too_far = {n: e for n, e in errors.items() if e >= FLOAT32_CANCELLING.get(n, FLOAT32_TOLERANCE)}
+    assert not too_far, errors
     model = model.to(torch.bfloat16)
     x = x.to(torch.bfloat16)
     half_pytorch = outputs_and_gradients(model, x, disable_triton_kernel=True)

@@ -7,8 +7,8 @@ several tiles of blocks and several query tiles.
 
 import pytest
 import torch
+from grids import IMPORTANCE_CASES
 from kernel_checks import DEVICE
-from test_importance import IMPORTANCE_CASES
 
 from nsa_tutorial.kernels.importance import top_blocks_from_keys
 

@@ -30,7 +30,7 @@ gets zeros.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -68,15 +68,24 @@ LAUNCH: dict[Kernel, Launch] = {
     "tile_dq": Launch(num_warps=4, num_stages=2),
     "dkv": Launch(num_warps=4, num_stages=2, rows=64, chunk=2048),
 }
+# Heads over 128 wide (192, 256): one stage, so that their blocks fit in shared memory,
+# and more warps for the walk and dk, dv (benchmarks/selection_tuning_gpu.py --round 3,
+# H200, 32k, pattern c: fwd+bwd 86.6 -> 72.9 ms at d = 192, 89.0 -> 73.9 at 256).
+WIDE_LAUNCH: dict[Kernel, Launch] = {
+    "forward": Launch(num_warps=4, num_stages=1),
+    "dq": Launch(num_warps=4, num_stages=1),
+    "tile_forward": Launch(num_warps=4, num_stages=1, rows=64),
+    "tile_dq": Launch(num_warps=4, num_stages=1),
+    "dkv": Launch(num_warps=8, num_stages=1, rows=64, chunk=2048),
+}
 # A tile takes the shared-tile kernels when their work (distinct blocks x the tile's rows)
 # is at most TILE_COST_LIMIT times the per-token walk's (read blocks x BLOCK_G rows each).
 TILE_COST_LIMIT = 2.5
 
 
 def launch_settings(kernel: Kernel, dim: int) -> Launch:
-    """`kernel`'s settings from LAUNCH for heads `dim` wide: heads over 128 wide get one
-    stage, so that their blocks fit in shared memory."""
-    return replace(LAUNCH[kernel], num_stages=1) if dim > 128 else LAUNCH[kernel]
+    """`kernel`'s settings for heads `dim` wide: from WIDE_LAUNCH over 128, else LAUNCH."""
+    return (WIDE_LAUNCH if dim > 128 else LAUNCH)[kernel]
 
 
 @triton.jit
@@ -759,10 +768,10 @@ def _tile_sizes(block_size: int, group: int, dim: int) -> dict[str, int]:
     }
 
 
-def tile_tokens(group: int) -> int:
-    """Tokens per query tile: enough for LAUNCH["tile_forward"].rows rows (token, head),
-    each token's G heads padded to a power of two."""
-    return max(1, LAUNCH["tile_forward"].rows // triton.next_power_of_2(group))
+def tile_tokens(group: int, dim: int) -> int:
+    """Tokens per query tile: enough for the tile_forward launch's rows (token, head) at
+    heads `dim` wide, each token's G heads padded to a power of two."""
+    return max(1, launch_settings("tile_forward", dim).rows // triton.next_power_of_2(group))
 
 
 def _slots_padded(codes: Tensor) -> int:
@@ -887,9 +896,9 @@ def _backward(do, q, k, v, out, lse, plan, gates, block_size, causal, scale):
 
 def make_plan(indices: Tensor, selected: Tensor, group: int, block_size: int, dim: int,
               causal: bool) -> TilePlan:
-    """`plan_tiles` with the tiles of LAUNCH["tile_forward"] for G = `group` query heads per
-    selection and the cost limit TILE_COST_LIMIT."""
-    tokens = tile_tokens(group)
+    """`plan_tiles` with the tile_forward launch's tiles for G = `group` query heads per
+    selection, heads `dim` wide, and the cost limit TILE_COST_LIMIT."""
+    tokens = tile_tokens(group, dim)
     return plan_tiles(
         indices, selected, block_size=block_size, causal=causal, tokens=tokens,
         rows=tokens * triton.next_power_of_2(group),

@@ -13,7 +13,7 @@ queries of one head and walks the block keys a tile at a time, keeping in regist
   few do, so the merge costs a few steps, not a sort.
 
 The numbers are `top_blocks_from_keys`'s: the same block keys and group means (made by
-PyTorch, small), float32 scores in full precision, hidden blocks at float32's lowest
+PyTorch, small), float32 scores (see `_precision`), hidden blocks at float32's lowest
 value, ties to the lower block. No gradient: the layer calls it unless diff-topk needs
 the values' gradient.
 """
@@ -31,8 +31,10 @@ from nsa_tutorial.kernels import require_runnable_kernels
 from nsa_tutorial.kernels.importance import _block_map
 from nsa_tutorial.validation import require_positive_int
 
+# Chosen on an H200 at 64k tokens (issue 12's shape), from queries 16-64, blocks 32-64,
+# 4 or 8 warps: bfloat16 3.9 ms, the PyTorch chunks 14.5 (benchmarks/top_blocks_gpu.json).
 BLOCK_M = 64  # queries per program
-BLOCK_N = 64  # selection blocks per step
+BLOCK_N = 32  # selection blocks per step
 NUM_WARPS = 4
 # torch.finfo(torch.float32).min, a hidden block's score
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
@@ -82,6 +84,7 @@ def _top_blocks_kernel(
     selection_block, sink, stride_qb, stride_qh, stride_qn,
     K: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HIDE_OWN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (query tile, batch * head): the top K selection blocks of BLOCK_M queries
     and their probabilities exp(score - log-sum-exp with the sink), in descending order."""
@@ -105,7 +108,7 @@ def _top_blocks_kernel(
         exists = blocks < num_selection
         block_keys = tl.load(keys_head + blocks[:, None] * D + dims[None, :],
                              mask=exists[:, None] & (dims < D)[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(block_keys), input_precision="ieee")  # (BLOCK_M, BLOCK_N)
+        scores = tl.dot(q, tl.trans(block_keys), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         first = tl.load(FIRST + blocks, mask=exists, other=0)
         hidden = queries[:, None] < first[None, :]  # a compressed block not complete yet
         if HIDE_OWN:  # remapped blocks: the query's own block is fine attention's
@@ -149,6 +152,7 @@ def top_blocks_kernel(
         ck.shape[-2], stride, selection_block, interpolate, causal, q.device
     )
     block_keys = einsum(weights, ck.float(), "c w, b h c d -> b h w d") * scale  # (b, hk, w', d)
+    dtype = q.dtype
     if group_size is not None:  # the group mean in float32, as top_blocks_from_keys takes it
         q = rearrange(q, "b (h g) n d -> b h g n d", g=group_size).mean(dim=2, dtype=torch.float32)
     if q.stride(-1) != 1:
@@ -165,9 +169,18 @@ def top_blocks_kernel(
         heads // ck.shape[1], selection_block, SINK_LOGIT, q.stride(0), q.stride(1),
         q.stride(2), K=k, K_PAD=triton.next_power_of_2(k), D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(d)), HIDE_OWN=stride != selection_block,
-        num_warps=NUM_WARPS,
+        PRECISION=_precision(dtype), num_warps=NUM_WARPS,
     )  # fmt: skip
     return values, indices
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """How the kernel multiplies the float32 scores: float32 models in full precision, so
+    that they pick exactly the PyTorch path's blocks; half-precision models with three
+    tf32 products (tf32x3), near float32 and 3x faster on an H200. On 64k queries of
+    random bfloat16 data, one query in 262,144 picked another set than the PyTorch path
+    (a near tie); the model's own rounding moves far more."""
+    return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
 def _check_inputs(q: Tensor, ck: Tensor, num_selected: int, group_size: int | None) -> None:
