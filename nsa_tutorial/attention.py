@@ -264,12 +264,14 @@ class SparseAttention(nn.Module):
     def kernel_top_blocks(self, q: Tensor, ck: Tensor) -> tuple[Tensor, Tensor]:
         """The kernel path's top-n (values, indices) (b, h_sel, n, s): importance from
         block keys (`nsa_tutorial.kernels.importance`), no (n, w) tensor; in one Triton
-        pass (`nsa_tutorial.kernels.top_blocks`) unless diff-topk needs its gradient."""
+        pass (`nsa_tutorial.kernels.top_blocks`) unless diff-topk needs its gradient or
+        more blocks are selected than that kernel keeps."""
+        from nsa_tutorial.kernels import top_blocks
+
         with self._importance_grad():
-            if torch.is_grad_enabled():
+            find = top_blocks.top_blocks_kernel
+            if torch.is_grad_enabled() or self.num_selected_blocks > top_blocks.MAX_SELECTED:
                 find = top_blocks_from_keys
-            else:
-                from nsa_tutorial.kernels.top_blocks import top_blocks_kernel as find
             return find(
                 q, ck, num_selected=self.num_selected_blocks,
                 stride=self.compress_block_sliding_stride,

@@ -109,6 +109,7 @@ def test_fewer_blocks_than_picks_and_none_at_all():
         (dict(ck=torch.zeros(2, 4, 16)), ValueError, r"ck must be \(b, h, n, d\)"),
         (dict(ck=torch.zeros(1, 3, 2, 16)), ValueError, "hk dividing q's heads"),
         (dict(num_selected=0), ValueError, "num_selected must be positive"),
+        (dict(num_selected=65), ValueError, "num_selected must be at most 64 for the one-pass"),
         (dict(group_size=1), ValueError, r"group_size must be None or the query heads per kv"),
     ],
 )
@@ -119,3 +120,32 @@ def test_bad_input_is_named(change, error, message):
     settings.update(change)
     with pytest.raises(error, match=message):
         top_blocks_kernel(**settings)
+
+
+def test_the_most_blocks_the_kernel_keeps():
+    """MAX_SELECTED picks (64) of 75 blocks, several tiles of them: the longest merges."""
+    q, ck = problem(1, 2, 1, 300, 16, 4, seed=4)
+    settings = dict(num_selected=kernels.MAX_SELECTED, stride=4, selection_block=4,
+                    group_size=2, interpolate=False, causal=True, scale=0.25)  # fmt: skip
+    got = top_blocks_kernel(q, ck, **settings)
+    assert_same_top(got, top_blocks_from_keys(q, ck, **settings))
+
+
+def test_layer_takes_the_pytorch_path_past_the_kernels_limit(monkeypatch):
+    """More picks than the kernel keeps: SparseAttention scores the blocks in PyTorch."""
+    from nsa_tutorial import SparseAttention
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("top_blocks_kernel ran past MAX_SELECTED")
+
+    monkeypatch.setattr(kernels, "MAX_SELECTED", 1)
+    monkeypatch.setattr(kernels, "top_blocks_kernel", must_not_run)
+    model = SparseAttention(
+        dim=32, dim_head=16, heads=2, kv_heads=1, sliding_window_size=4, compress_block_size=4,
+        compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=2,
+        use_triton_kernel=True,
+    )  # fmt: skip
+    q, ck = problem(1, 2, 1, 40, 16, 4)
+    with torch.no_grad():
+        values, indices = model.kernel_top_blocks(q.cpu(), ck.cpu())
+    assert values.shape == indices.shape == (1, 1, 40, 2)

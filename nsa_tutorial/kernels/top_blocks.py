@@ -36,6 +36,7 @@ from nsa_tutorial.validation import require_positive_int
 BLOCK_M = 64  # queries per program
 BLOCK_N = 32  # selection blocks per step
 NUM_WARPS = 4
+MAX_SELECTED = 64  # blocks kept per query in registers; more: `top_blocks_from_keys`
 # torch.finfo(torch.float32).min, a hidden block's score
 FLOAT32_LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)
 NO_RANK: tl.constexpr = tl.constexpr(-(2139095041 << 32) - 1)  # below any score's rank, even -inf's
@@ -200,6 +201,12 @@ def _check_inputs(q: Tensor, ck: Tensor, num_selected: int, group_size: int | No
     if q.shape[-1] > 256:
         raise ValueError(f"the head dimension must be at most 256, got d={q.shape[-1]}")
     require_positive_int("num_selected", num_selected)
+    if num_selected > MAX_SELECTED:
+        raise ValueError(
+            f"num_selected must be at most {MAX_SELECTED} for the one-pass kernel (it keeps "
+            f"each query's best blocks in registers; top_blocks_from_keys has no limit), got "
+            f"num_selected={num_selected}"
+        )
     if group_size is not None and group_size != q.shape[1] // ck.shape[1]:
         raise ValueError(
             f"group_size must be None or the query heads per kv head "
