@@ -48,6 +48,7 @@ def agreement(kernel: tuple, pytorch: tuple) -> dict:
 
 @torch.no_grad()
 def row(n: int) -> dict:
+    """Both paths at n tokens: their times, peaks and agreement."""
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(1, 64, n, 128, device="cuda", generator=g).bfloat16()
     ck = torch.randn(1, 4, n // 16, 128, device="cuda", generator=g).bfloat16()
@@ -66,6 +67,7 @@ def row(n: int) -> dict:
 
 
 def main() -> None:
+    """Every length, the JSON rewritten after each, then the short table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lengths", type=int, nargs="*", default=LENGTHS)

@@ -93,8 +93,6 @@ def test_hidden_blocks_get_no_probability():
     assert importance_scores(logits, 1, 4, 4, group_size=1).max() == 0
 
 
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "shared"), [(4, 2, True), (4, 2, False), (4, 1, True)]

@@ -107,8 +107,14 @@ def test_fewer_blocks_than_picks_and_none_at_all():
     [
         (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), TypeError, "q must be float32"),
         (dict(ck=torch.zeros(2, 4, 16)), ValueError, r"ck must be \(b, h, n, d\)"),
-        (dict(ck=torch.zeros(1, 3, 2, 16)), ValueError, "hk dividing q's heads"),
-        (dict(num_selected=0), ValueError, "num_selected must be positive"),
+        (dict(ck=torch.zeros(1, 3, 2, 16)), ValueError, "hk >= 1 dividing q's heads"),
+        (dict(num_selected=-1), ValueError, "num_selected must be >= 0"),
+        (dict(num_selected=2.0), TypeError, "num_selected must be an int"),
+        (dict(stride=0), ValueError, "stride must be positive"),
+        (dict(selection_block=-4), ValueError, "selection_block must be positive"),
+        (dict(ck=torch.zeros(1, 0, 2, 16)), ValueError, "hk >= 1 dividing"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(scale=None), TypeError, "scale must be a number"),
         (dict(num_selected=65), ValueError, "num_selected must be at most 64 for the one-pass"),
         (dict(group_size=1), ValueError, r"group_size must be None or the query heads per kv"),
     ],
@@ -120,6 +126,23 @@ def test_bad_input_is_named(change, error, message):
     settings.update(change)
     with pytest.raises(error, match=message):
         top_blocks_kernel(**settings)
+
+
+def test_precision_follows_the_models_dtype():
+    """float32 models score in full precision; half precision with tf32x3 (the interpreter
+    multiplies in numpy whatever it is told, so this pins the choice itself)."""
+    assert kernels._precision(torch.float32) == "ieee"
+    assert kernels._precision(torch.bfloat16) == kernels._precision(torch.float16) == "tf32x3"
+
+
+def test_no_picks():
+    """num_selected=0 (SparseAttention allows it: the own block only) gives (..., 0)."""
+    q, ck = problem(1, 2, 1, 40, 16, 4)
+    values, indices = top_blocks_kernel(
+        q, ck, num_selected=0, stride=4, selection_block=4, group_size=2, interpolate=False,
+        causal=True, scale=0.25,
+    )  # fmt: skip
+    assert values.shape == indices.shape == (1, 1, 40, 0)
 
 
 def test_the_most_blocks_the_kernel_keeps():
@@ -149,3 +172,19 @@ def test_layer_takes_the_pytorch_path_past_the_kernels_limit(monkeypatch):
     with torch.no_grad():
         values, indices = model.kernel_top_blocks(q.cpu(), ck.cpu())
     assert values.shape == indices.shape == (1, 1, 40, 2)
+
+
+def test_layer_with_no_picks_on_the_kernel_path():
+    """SparseAttention with num_selected_blocks=0 (the own block only) runs its kernel path
+    without gradients, as its PyTorch path does."""
+    from nsa_tutorial import SparseAttention
+
+    torch.manual_seed(0)
+    model = SparseAttention(
+        dim=32, dim_head=16, heads=2, kv_heads=1, sliding_window_size=4, compress_block_size=4,
+        compress_block_sliding_stride=4, selection_block_size=4, num_selected_blocks=0,
+        use_triton_kernel=True,
+    ).to(DEVICE)  # fmt: skip
+    x = torch.randn(1, 21, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, disable_triton_kernel=True))

@@ -14,7 +14,8 @@ queries of one head and walks the block keys a tile at a time, keeping in regist
 
 The numbers are `top_blocks_from_keys`'s: the same block keys and group means (made by
 PyTorch, small), float32 scores (see `_precision`), hidden blocks at float32's lowest
-value, ties to the lower block. No gradient: the layer calls it unless diff-topk needs
+value, ties to the lower block (torch.topk promises no order; ties happen among hidden
+blocks, whose probability is 0). No gradient: the layer calls it unless diff-topk needs
 the values' gradient.
 """
 
@@ -27,12 +28,13 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from nsa_tutorial.importance import SINK_LOGIT
-from nsa_tutorial.kernels import require_runnable_kernels
+from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
 from nsa_tutorial.kernels.importance import _block_map
 from nsa_tutorial.validation import require_positive_int
 
-# Chosen on an H200 at 64k tokens (issue 12's shape), from queries 16-64, blocks 32-64,
-# 4 or 8 warps: bfloat16 3.9 ms, the PyTorch chunks 14.5 (benchmarks/top_blocks_gpu.json).
+# Chosen on an H200 at 64k tokens (issue 12's shape) from queries 16-64, blocks 32-64, 4 or
+# 8 warps, both precisions (benchmarks/top_blocks_tuning_gpu.py and its JSON); in
+# benchmarks/top_blocks_gpu.json, bfloat16: 3.88 ms against the PyTorch chunks' 14.61.
 BLOCK_M = 64  # queries per program
 BLOCK_N = 32  # selection blocks per step
 NUM_WARPS = 4
@@ -71,7 +73,7 @@ def _keep_best(best, ranks):
     candidates = tl.where(ranks > worst[:, None], ranks, NO_RANK)
     while tl.max(tl.max(candidates, 1), 0) > NO_RANK:
         pick = tl.max(candidates, 1)  # (R,)
-        improves = (pick > worst) & (pick > NO_RANK)
+        improves = pick > NO_RANK  # a candidate is above its row's worst, or NO_RANK
         best = tl.where((best == worst[:, None]) & improves[:, None], pick[:, None], best)
         worst = tl.min(best, 1)
         candidates = tl.where((candidates != pick[:, None]) & (candidates > worst[:, None]),
@@ -93,7 +95,8 @@ def _top_blocks_kernel(
     b, h = bh // heads, bh % heads
     queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + queries[:, None] * stride_qn + dims[None, :]
+    q_rows = b * stride_qb + h * stride_qh + queries.to(tl.int64)[:, None] * stride_qn
+    q_ptrs = Q + q_rows + dims[None, :]
     q = tl.load(q_ptrs, mask=(queries < n)[:, None] & (dims < D)[None, :], other=0.0)
     q = q.to(tl.float32)  # (BLOCK_M, BLOCK_D)
     keys_head = BLOCK_KEYS + (b * (heads // heads_per_key) + h // heads_per_key) * num_selection * D
@@ -147,7 +150,7 @@ def top_blocks_kernel(
     h is hk when group_size shares one selection per GQA group, hq when it is None;
     s = min(num_selected, w'), values in descending order.
     """
-    _check_inputs(q, ck, num_selected, group_size)
+    _check_inputs(q, ck, num_selected, stride, selection_block, group_size, causal, scale)
     require_runnable_kernels()
     weights, first_query = _block_map(
         ck.shape[-2], stride, selection_block, interpolate, causal, q.device
@@ -176,15 +179,20 @@ def top_blocks_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """How the kernel multiplies the float32 scores: float32 models in full precision, so
-    that they pick exactly the PyTorch path's blocks; half-precision models with three
-    tf32 products (tf32x3), near float32 and 3x faster on an H200. On random bfloat16
-    data at 64k, 1 to 4 of the 262,144 (kv head, query) rows picked another set of blocks
-    than the PyTorch path (near ties); the model's own rounding moves far more."""
+    """How the kernel multiplies the float32 scores: float32 models in full precision
+    (`ieee`), the PyTorch path's products up to the order of the sums; half-precision
+    models with three tf32 products (`tf32x3`), near float32 and 3.0x faster (64k on an
+    H200: 3.89 against 11.58 ms, top_blocks_tuning_gpu.json). On random bfloat16 data at
+    64k, ieee picked the PyTorch path's blocks in all 262,144 (kv head, query) rows of the
+    tuning run; tf32x3 differed in 1 there and in 4 in top_blocks_gpu.json (near ties),
+    far fewer than the model's own rounding moves."""
     return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
-def _check_inputs(q: Tensor, ck: Tensor, num_selected: int, group_size: int | None) -> None:
+def _check_inputs(
+    q: Tensor, ck: Tensor, num_selected: int, stride: int, selection_block: int,
+    group_size: int | None, causal: bool, scale: float,
+) -> None:  # fmt: skip
     """Clear errors for what the kernel relies on, before anything launches."""
     for name, t in (("q", q), ("ck", ck)):
         if t.dim() != 4:
@@ -193,14 +201,26 @@ def _check_inputs(q: Tensor, ck: Tensor, num_selected: int, group_size: int | No
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if q.device != ck.device:
         raise ValueError(f"q and ck must be on one device, got {q.device} and {ck.device}")
-    if (q.shape[0], q.shape[-1]) != (ck.shape[0], ck.shape[-1]) or q.shape[1] % ck.shape[1]:
+    if triton_mode() == "compiled" and q.device.type != "cuda":
         raise ValueError(
-            f"ck must be (b, hk, w, d) with q's b and d and hk dividing q's heads, got "
+            f"with a GPU, Triton compiles the kernel for it: move the tensors to the GPU "
+            f"(they are on {q.device})"
+        )
+    if (
+        (q.shape[0], q.shape[-1]) != (ck.shape[0], ck.shape[-1])
+        or ck.shape[1] == 0
+        or q.shape[1] % ck.shape[1]
+    ):
+        raise ValueError(
+            f"ck must be (b, hk, w, d) with q's b and d and hk >= 1 dividing q's heads, got "
             f"q {tuple(q.shape)} and ck {tuple(ck.shape)}"
         )
     if q.shape[-1] > 256:
         raise ValueError(f"the head dimension must be at most 256, got d={q.shape[-1]}")
-    require_positive_int("num_selected", num_selected)
+    if isinstance(num_selected, bool) or not isinstance(num_selected, int):
+        raise TypeError(f"num_selected must be an int, got num_selected={num_selected!r}")
+    if num_selected < 0:
+        raise ValueError(f"num_selected must be >= 0, got num_selected={num_selected}")
     if num_selected > MAX_SELECTED:
         raise ValueError(
             f"num_selected must be at most {MAX_SELECTED} for the one-pass kernel (it keeps "
@@ -213,3 +233,9 @@ def _check_inputs(q: Tensor, ck: Tensor, num_selected: int, group_size: int | No
             f"({q.shape[1]} // {ck.shape[1]} = {q.shape[1] // ck.shape[1]}), got "
             f"group_size={group_size}"
         )
+    require_positive_int("stride", stride)
+    require_positive_int("selection_block", selection_block)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got causal={causal!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got scale={scale!r}")
