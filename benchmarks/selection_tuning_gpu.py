@@ -19,6 +19,8 @@ blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier k
   the plan, the inverted index and the chunking, TILE_COST_LIMIT again (2.5 chosen), and
   GQA groups 1, 2, 4, 16 with SDPA beside them.
 - Round 3: WIDE_LAUNCH, the settings for heads 192 and 256 wide, at 32k on pattern (c).
+  Its JSON's "launch" is the table the variants started from (the settings before
+  WIDE_LAUNCH took the winners); run now, "table" is WIDE_LAUNCH itself.
 """
 
 import argparse

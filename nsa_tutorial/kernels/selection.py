@@ -69,8 +69,11 @@ LAUNCH: dict[Kernel, Launch] = {
     "dkv": Launch(num_warps=4, num_stages=2, rows=64, chunk=2048),
 }
 # Heads over 128 wide (192, 256): one stage, so that their blocks fit in shared memory,
-# and more warps for the walk and dk, dv (benchmarks/selection_tuning_gpu.py --round 3,
-# H200, 32k, pattern c: fwd+bwd 86.6 -> 72.9 ms at d = 192, 89.0 -> 73.9 at 256).
+# and more warps where benchmarks/selection_tuning_gpu.py --round 3 found them faster, each
+# change timed alone from the earlier settings (walk 2 warps, dk, dv 4: the JSON's
+# "launch"; H200, 32k, pattern c): dk, dv at 8 warps took fwd+bwd from 86.6 to 72.9 ms at
+# d = 192 and from 89.0 to 73.9 at 256; the walk at 4 warps, every tile walked, took the
+# forward from 26.8 to 24.8 ms at 192. The two together are not timed yet.
 WIDE_LAUNCH: dict[Kernel, Launch] = {
     "forward": Launch(num_warps=4, num_stages=1),
     "dq": Launch(num_warps=4, num_stages=1),
