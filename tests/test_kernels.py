@@ -327,7 +327,9 @@ def test_exported_from_kernels():
 
 
 def test_cpu_tensors_with_a_compiling_triton(monkeypatch):
-    monkeypatch.setattr(kernels, "triton_mode", lambda: "compiled")
+    import nsa_tutorial.kernels
+
+    monkeypatch.setattr(nsa_tutorial.kernels, "triton_mode", lambda: "compiled")
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="move the tensors to the GPU"):
         selection_attention(q, q, q, torch.zeros(1, 1, 4, 1, dtype=torch.long),

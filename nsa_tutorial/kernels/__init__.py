@@ -49,6 +49,24 @@ def require_runnable_kernels() -> None:
         )
 
 
+def require_kernel_device(**tensors: torch.Tensor | None) -> None:
+    """The named tensors a kernel reads (None: an absent optional one) must share a device,
+    and where Triton compiles, that device is the GPU (CPU tensors run in the interpreter)."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        *first, last = given
+        raise ValueError(
+            f"{', '.join(first)} and {last} must be on one device, got {sorted(map(str, devices))}"
+        )
+    (device,) = devices
+    if triton_mode() == "compiled" and device.type != "cuda":
+        raise ValueError(
+            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
+            f"(they are on {device})"
+        )
+
+
 def check_attention_tensors(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str],
     k_shape: tuple[str, ...],

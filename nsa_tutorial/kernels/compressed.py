@@ -39,7 +39,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa_tutorial.kernels import check_attention_tensors, require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels import (
+    check_attention_tensors,
+    require_kernel_device,
+    require_runnable_kernels,
+)
 from nsa_tutorial.kernels.selection import LOG2_E, _dot, _precision
 from nsa_tutorial.validation import require_positive_int
 
@@ -445,11 +449,4 @@ def _check_inputs(q, ck, cv, num_memory, stride, causal, scale):
         raise TypeError(f"causal must be a bool, got causal={causal!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a number or None, got scale={scale!r}")
-    devices = {t.device for t in (q, ck, cv)}
-    if len(devices) > 1:
-        raise ValueError(f"q, ck and cv must be on one device, got {sorted(map(str, devices))}")
-    if triton_mode() == "compiled" and q.device.type != "cuda":
-        raise ValueError(
-            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
-            f"(they are on {q.device})"
-        )
+    require_kernel_device(q=q, ck=ck, cv=cv)

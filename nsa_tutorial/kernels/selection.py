@@ -39,7 +39,12 @@ import triton.language as tl
 from einops import rearrange, repeat
 from torch import Tensor
 
-from nsa_tutorial.kernels import check_attention_tensors, require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels import (
+    check_attention_tensors,
+    require_kernel_device,
+    require_runnable_kernels,
+    triton_mode,
+)
 
 LOG2_E = math.log2(math.e)  # the kernels use exp2: logits are scaled by scale * LOG2_E
 NO_BLOCK = -1  # a slot of `blocks` (and of `codes`) that attends nothing
@@ -991,16 +996,9 @@ def _check_inputs(q, k, v, indices, selected, block_size, gates, check_indices):
             f"gates must be a float tensor of indices' shape {tuple(indices.shape)}, "
             f"got {gates.dtype} {tuple(gates.shape)}"
         )
-    devices = {t.device for t in (q, k, v, indices, selected)}
-    if len(devices) > 1 or (gates is not None and gates.device not in devices):
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    require_kernel_device(q=q, k=k, v=v, indices=indices, selected=selected, gates=gates)
     if check_indices:
         _check_index_range(indices, selected, n, block_size)
-    if triton_mode() == "compiled" and q.device.type != "cuda":
-        raise ValueError(
-            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
-            f"(they are on {q.device})"
-        )
 
 
 def _check_index_range(indices: Tensor, selected: Tensor, n: int, block_size: int) -> None:

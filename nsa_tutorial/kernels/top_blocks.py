@@ -28,7 +28,7 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from nsa_tutorial.importance import SINK_LOGIT
-from nsa_tutorial.kernels import require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels import require_kernel_device, require_runnable_kernels
 from nsa_tutorial.kernels.importance import _block_map
 from nsa_tutorial.validation import require_positive_int
 
@@ -199,13 +199,7 @@ def _check_inputs(
             raise ValueError(f"{name} must be (b, h, n, d), got shape {tuple(t.shape)}")
         if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.device != ck.device:
-        raise ValueError(f"q and ck must be on one device, got {q.device} and {ck.device}")
-    if triton_mode() == "compiled" and q.device.type != "cuda":
-        raise ValueError(
-            f"with a GPU, Triton compiles the kernel for it: move the tensors to the GPU "
-            f"(they are on {q.device})"
-        )
+    require_kernel_device(q=q, ck=ck)
     if (
         (q.shape[0], q.shape[-1]) != (ck.shape[0], ck.shape[-1])
         or ck.shape[1] == 0
