@@ -22,6 +22,7 @@ import sys
 
 sys.path[:0] = ["."]
 import torch  # noqa: E402
+from top_blocks_gpu import agreement  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from nsa_tutorial.kernels import top_blocks as T  # noqa: E402
@@ -30,13 +31,6 @@ from nsa_tutorial.kernels.importance import top_blocks_from_keys  # noqa: E402
 SETTINGS = dict(num_selected=16, stride=16, selection_block=64, group_size=16,
                 interpolate=False, causal=True, scale=128**-0.5)  # fmt: skip
 N = 65536
-
-
-def same_blocks_share(got: tuple, expected: tuple) -> float:
-    """Share of rows whose selected blocks (probability > 1e-10) are the same set."""
-    picked = torch.where(got[0] > 1e-10, got[1], -1).sort(-1).values
-    wanted = torch.where(expected[0] > 1e-10, expected[1], -1).sort(-1).values
-    return (picked == wanted).all(-1).float().mean().item()
 
 
 @torch.no_grad()
@@ -56,7 +50,8 @@ def main() -> None:
         T._precision = lambda dtype, p=chosen: p
         row = dict(block_m=block_m, block_n=block_n, warps=warps, precision=chosen)
         try:
-            row["same"] = same_blocks_share(T.top_blocks_kernel(q, ck, **SETTINGS), reference)
+            found = T.top_blocks_kernel(q, ck, **SETTINGS)
+            row["same"] = agreement(found, reference)["same_blocks_share"]
             row["ms"] = do_bench(lambda: T.top_blocks_kernel(q, ck, **SETTINGS), warmup=10,
                                  rep=60, return_mode="median")  # fmt: skip
         except Exception as error:  # a tile that does not fit is recorded, not fatal
