@@ -1,0 +1,235 @@
+"""Stage 10: the causal sliding window as Triton kernels, forward and backward.
+
+Token t attends to keys t - w .. t (`nsa_tutorial.sliding.sliding_window_mask`, causal),
+w + 1 keys at most. The rows are the compressed kernels' (`nsa_tutorial.kernels.
+compressed`): row r = t * G + g is query head h * G + g at token t, so a tile of BLOCK_M
+rows holds BLOCK_M / G tokens with all G heads of their group, and each tile of keys is
+loaded once for the whole GQA group. Flex attention (the layer's window on a GPU) runs
+every query head on its own and rounds the window out to 128 x 128 tiles.
+
+- Forward: program (row tile, batch * kv head) walks the key tiles from the window's
+  start for its first token to its last token, with an online softmax.
+- dq: the same walk again, from the forward's log-sum-exp.
+- dk, dv: program (key tile, batch * kv head) walks the rows that see it, tokens
+  k .. k + w; no two programs write the same key, so no atomics.
+
+Every tile is masked (the window's two edges and the diagonal), which keeps one loop per
+kernel; a key tile with no visible key for some row gives that row p = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from nsa_tutorial.kernels import check_attention_tensors, require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels.compressed import _block_d, _load_rows, _rows
+from nsa_tutorial.kernels.selection import LOG2_E, _dot, _precision
+from nsa_tutorial.validation import require_positive_int
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the three kernels are tiled and launched (not tuned yet)."""
+
+    block_m: int = 64  # rows (token, group head) per tile
+    block_n: int = 64  # keys per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+LAUNCH = Launch()
+
+
+@triton.jit
+def _visible(tokens, keys, window, n):
+    """(R, C) bool: token t sees key j iff t - window <= j <= t (and j exists)."""
+    return (keys[None, :] <= tokens[:, None]) & (keys[None, :] >= tokens[:, None] - window) & (
+        keys[None, :] < n
+    )
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, OUT, LSE, n, window, log2_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (row tile, batch * kv head): out and log2-sum-exp of BLOCK_M rows."""
+    start = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
+    q = _load_rows(Q, rows, row_ok, D, BLOCK_D)
+    K_HEAD, V_HEAD = K + bh * n * D, V + bh * n * D
+    first, last = start // G, (tl.minimum(start + BLOCK_M, n * G) - 1) // G
+    lo = tl.maximum(first - window, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for key_start in range(lo, last + 1, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_HEAD, keys, keys < n, D, BLOCK_D)
+        v = _load_rows(V_HEAD, keys, keys < n, D, BLOCK_D)
+        s = _dot(q, tl.trans(k), PRECISION) * log2_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(_visible(tokens, keys, window, n), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        m_i = m_new
+
+    dims = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (dims < D)[None, :]
+    tl.store(OUT + rows[:, None] * D + dims[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty),
+             mask=ok)  # fmt: skip
+    tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, OUT, DO, LSE, DQ, DELTA, n, window, sm_scale, log2_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (row tile, batch * kv head), as the forward: dq of BLOCK_M rows, and their
+    delta = rowsum(dO * O) for the dk, dv kernel."""
+    start = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
+    q = _load_rows(Q, rows, row_ok, D, BLOCK_D)
+    do = _load_rows(DO, rows, row_ok, D, BLOCK_D)
+    out = _load_rows(OUT, rows, row_ok, D, BLOCK_D)
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(DELTA + rows, delta, mask=row_ok)
+    lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # no row: p = 0
+    K_HEAD, V_HEAD = K + bh * n * D, V + bh * n * D
+    first, last = start // G, (tl.minimum(start + BLOCK_M, n * G) - 1) // G
+    lo = tl.maximum(first - window, 0) // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for key_start in range(lo, last + 1, BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_HEAD, keys, keys < n, D, BLOCK_D)
+        v = _load_rows(V_HEAD, keys, keys < n, D, BLOCK_D)
+        p = tl.exp2(_dot(q, tl.trans(k), PRECISION) * log2_scale - lse[:, None])
+        p = tl.where(_visible(tokens, keys, window, n), p, 0.0)
+        ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+
+    dims = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (dims < D)[None, :]
+    tl.store(DQ + rows[:, None] * D + dims[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=ok)  # fmt: skip
+
+
+@triton.jit
+def _backward_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, n, window, sm_scale, log2_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (key tile, batch * kv head): dk, dv of BLOCK_N keys from the rows that see
+    them, tokens key_start .. key_start + BLOCK_N - 1 + window (transposed, keys first)."""
+    key_start = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    keys = key_start + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + bh * n * D, keys, keys < n, D, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + bh * n * D, keys, keys < n, D, BLOCK_D)
+    lo = key_start * G // BLOCK_M * BLOCK_M
+    hi = tl.minimum(key_start + BLOCK_N + window, n) * G
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_M):
+        tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
+        q = _load_rows(Q, rows, row_ok, D, BLOCK_D)
+        do = _load_rows(DO, rows, row_ok, D, BLOCK_D)
+        lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        p_t = tl.exp2(_dot(k, tl.trans(q), PRECISION) * log2_scale - lse[None, :])
+        p_t = tl.where(tl.trans(_visible(tokens, keys, window, n)), p_t, 0.0)  # (BLOCK_N, BLOCK_M)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION)
+        ds_t = p_t * (_dot(v, tl.trans(do), PRECISION) - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION)
+
+    dims = tl.arange(0, BLOCK_D)
+    offsets = (bh * n + keys)[:, None] * D + dims[None, :]
+    ok = (keys < n)[:, None] & (dims < D)[None, :]
+    tl.store(DK + offsets, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+def _settings(q: Tensor, k: Tensor) -> dict:
+    """The compile-time settings the three kernels share."""
+    return dict(
+        G=q.shape[1] // k.shape[1], D=q.shape[-1], BLOCK_M=LAUNCH.block_m, BLOCK_N=LAUNCH.block_n,
+        BLOCK_D=_block_d(q.shape[-1]), PRECISION=_precision(q.dtype),
+        num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages,
+    )  # fmt: skip
+
+
+class WindowAttention(torch.autograd.Function):
+    """The Triton forward and backward as one autograd step."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale):
+        b, hq, n, _ = q.shape
+        row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
+        out = torch.empty_like(q)
+        lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+        _forward_kernel[row_tiles](q, k, v, out, lse, n, window, scale * LOG2_E,
+                                   **_settings(q, k))  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.settings = (window, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        window, scale = ctx.settings
+        do = do.contiguous()
+        b, hq, n, _ = q.shape
+        row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty_like(lse)
+        _backward_dq_kernel[row_tiles](q, k, v, out, do, lse, dq, delta, n, window, scale,
+                                       scale * LOG2_E, **_settings(q, k))  # fmt: skip
+        key_tiles = (triton.cdiv(n, LAUNCH.block_n), b * k.shape[1])
+        _backward_dkv_kernel[key_tiles](q, k, v, do, lse, delta, dk, dv, n, window, scale,
+                                        scale * LOG2_E, **_settings(q, k))  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, window: int, scale: float | None = None
+) -> Tensor:
+    """Causal sliding-window attention in Triton: q (b, hq, n, d) over k, v (b, hk, n, d),
+    query t seeing keys t - window .. t -> (b, hq, n, d).
+
+    `nsa_tutorial.sliding.sliding_window_attention(q, k, v, window, causal=True, scale)`,
+    without its (n, 2w) chunks of scores. Query head h * G + g reads kv head h (einops
+    '(h g)'). Differentiable in q, k and v.
+    """
+    check_attention_tensors(q, k, v, ("k", "v"), ("b", "hk", "n", "d"))
+    require_positive_int("window", window)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a number or None, got scale={scale!r}")
+    devices = {t.device for t in (q, k, v)}
+    if len(devices) > 1:
+        raise ValueError(f"q, k and v must be on one device, got {sorted(map(str, devices))}")
+    if triton_mode() == "compiled" and q.device.type != "cuda":
+        raise ValueError(
+            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
+            f"(they are on {q.device})"
+        )
+    require_runnable_kernels()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return WindowAttention.apply(q, k, v, window, scale)
