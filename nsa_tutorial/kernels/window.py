@@ -26,7 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa_tutorial.kernels import check_attention_tensors, require_runnable_kernels, triton_mode
+from nsa_tutorial.kernels import (
+    check_attention_tensors,
+    require_kernel_device,
+    require_runnable_kernels,
+)
 from nsa_tutorial.kernels.compressed import _block_d, _load_rows, _rows
 from nsa_tutorial.kernels.selection import LOG2_E, _dot, _precision
 from nsa_tutorial.validation import require_positive_int
@@ -221,14 +225,7 @@ def window_attention(
     require_positive_int("window", window)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a number or None, got scale={scale!r}")
-    devices = {t.device for t in (q, k, v)}
-    if len(devices) > 1:
-        raise ValueError(f"q, k and v must be on one device, got {sorted(map(str, devices))}")
-    if triton_mode() == "compiled" and q.device.type != "cuda":
-        raise ValueError(
-            f"with a GPU, Triton compiles the kernels for it: move the tensors to the GPU "
-            f"(they are on {q.device})"
-        )
+    require_kernel_device(q=q, k=k, v=v)
     require_runnable_kernels()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t.contiguous() for t in (q, k, v))
