@@ -1,4 +1,4 @@
-"""The causal sliding-window kernels against the PyTorch path (`sliding_window_attention`).
+"""The sliding-window kernels, causal and not, against `sliding_window_attention`.
 
 Without a GPU the kernels run in Triton's interpreter, so the shapes are small; each case
 runs with the launch's tiles and with 16 x 16 tiles, so that short sequences too walk
@@ -30,13 +30,14 @@ def problem(b, hk, group, n, d, dtype, seed=0):
     return [torch.randn(*shape, generator=g).to(dtype).to(DEVICE) for shape in shapes]
 
 
-def reference(q, k, v, window, scale=None):
+def reference(q, k, v, window, causal=True, scale=None):
     q, k, v = (t.double() for t in (q, k, v))
-    return sliding_window_attention(q, k, v, window, True, scale)
+    return sliding_window_attention(q, k, v, window, causal, scale)
 
 
 # (b, hk, group, n, d, window): GQA groups 1-16, windows inside, across and past the
-# sequence, lengths that are not multiples of the tiles, a head that is not a power of 2
+# sequence, lengths that are not multiples of the tiles or (not causal: zero keys seen at
+# the end) of the window, a head that is not a power of 2
 CASES = [
     (1, 1, 1, 20, 16, 4),
     (2, 2, 4, 45, 32, 8),
@@ -47,13 +48,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_and_gradients_match_pytorch(case, tiles):
+def test_forward_and_gradients_match_pytorch(case, causal, tiles):
     b, hk, group, n, d, window = case
     q, k, v = problem(b, hk, group, n, d, torch.float32, seed=n)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    out = window_attention(*leaves, window=window, scale=0.3)
-    expected = reference(*leaves, window, scale=0.3)
+    out = window_attention(*leaves, window=window, causal=causal, scale=0.3)
+    expected = reference(*leaves, window, causal, scale=0.3)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     grad_out = torch.randn_like(expected)
     grads = torch.autograd.grad(out, leaves, grad_out.float())
@@ -61,12 +63,13 @@ def test_forward_and_gradients_match_pytorch(case, tiles):
         torch.testing.assert_close(actual.double(), wanted.double(), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision(dtype):
+@pytest.mark.parametrize(("dtype", "causal"), [(torch.float16, True), (torch.bfloat16, False)],
+                         ids=str)  # fmt: skip
+def test_half_precision(dtype, causal):
     q, k, v = problem(1, 2, 4, 90, 64, dtype, seed=2)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    assert_close_in_half_precision(window_attention(*leaves, window=20), reference(*leaves, 20),
-                                   leaves)  # fmt: skip
+    out = window_attention(*leaves, window=20, causal=causal)
+    assert_close_in_half_precision(out, reference(*leaves, 20, causal), leaves)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +78,7 @@ def test_half_precision(dtype):
         (dict(window=0), ValueError, "window must be positive"),
         (dict(window=2.5), TypeError, "window must be an int"),
         (dict(scale="big"), TypeError, "scale must be a number or None"),
+        (dict(causal=None), TypeError, "causal must be a bool, got causal=None"),
         (dict(k=torch.zeros(1, 3, 8, 16), v=torch.zeros(1, 3, 8, 16)), ValueError,
          "multiple of the kv heads"),
         (dict(v=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), TypeError, "v must be float32"),
@@ -84,5 +88,6 @@ def test_bad_input_is_named(change, error, message):
     arguments = dict(q=torch.zeros(1, 4, 8, 16), k=torch.zeros(1, 2, 8, 16),
                      v=torch.zeros(1, 2, 8, 16), window=4)  # fmt: skip
     arguments.update(change)
+    arguments.update({name: t.to(DEVICE) for name, t in arguments.items() if torch.is_tensor(t)})
     with pytest.raises(error, match=message):
         window_attention(**arguments)
