@@ -1,13 +1,18 @@
 """The three NSA branches with their gates (no projections, no rotary) as each provider
 computes them, on the same q, k, v and gates, for `layer_gpu.py`'s comparison (b).
 
-- ours: the compression MLP, the compressed-attention kernel with top-n from block keys,
-  the selection kernel, the window through compiled flex attention, the gated-sum kernel;
+- ours: the compression MLP, the compressed-attention kernel with the one-pass top-n,
+  the selection kernel, the window kernel, the gated-sum kernel;
 - fla-core 0.6.0: `parallel_nsa` with g_cmp and g_slc (its compression is a mean over
-  non-overlapping blocks of 64 and its top-n is its own), plus our flex-attention window;
+  non-overlapping blocks of 64 and its top-n is its own), plus our window;
 - XunhaoLai's native-sparse-attention-triton: `linear_compress` of k and v (blocks of 32,
   stride 16), `compressed_attention` with top-n (1 initial and 2 local blocks forced),
-  `topk_sparse_attention`, plus our flex-attention window.
+  `topk_sparse_attention`, plus our window.
+
+Every stack gets the same window, the layer's (`nsa_tutorial.kernels.window`), so the
+stacks differ only in compression and selection; neither peer ships a window of its own
+in these calls. (Issue 12 named flex attention for it, the layer's window when the issue
+was written; the kernel is faster, so flex would have slowed only the peers.)
 
 The peers are imported only if present (carried to the GPU machine, never committed);
 each stack takes its inputs in its own layout, converted before timing.
@@ -23,7 +28,6 @@ from torch import Tensor
 
 from nsa_tutorial import SparseAttention
 from nsa_tutorial.kernels.glue import gated_sum_triton
-from nsa_tutorial.sliding import sliding_window_attention_gpu
 
 Stack = Callable[[], Tensor]
 
@@ -38,9 +42,8 @@ def ours(model: SparseAttention, q: Tensor, k: Tensor, v: Tensor, gates: Tensor)
 
 
 def window(model: SparseAttention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The same flex-attention window for every stack, (b, h, n, d) -> (b, n, h, d) view."""
-    out = sliding_window_attention_gpu(q, k, v, model.sliding_window_size, True, model.scale)
-    return rearrange(out, "b h n d -> b n h d")
+    """The layer's window for every stack, (b, h, n, d) -> (b, n, h, d) view."""
+    return rearrange(model.sliding_branch(q, k, v, use_kernels=True), "b h n d -> b n h d")
 
 
 def fla_stack(

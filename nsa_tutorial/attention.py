@@ -35,11 +35,7 @@ from nsa_tutorial.kernels.importance import top_blocks_from_keys
 from nsa_tutorial.norm import RMSNorm
 from nsa_tutorial.rotary import RotaryEmbedding
 from nsa_tutorial.selection import selection_branch, top_blocks
-from nsa_tutorial.sliding import (
-    sliding_window_attention,
-    sliding_window_attention_flex,
-    sliding_window_attention_gpu,
-)
+from nsa_tutorial.sliding import sliding_window_attention, sliding_window_attention_flex
 from nsa_tutorial.validation import require_positive_int
 
 STRATEGIES = ("compressed", "selected", "sliding")
@@ -181,8 +177,8 @@ class SparseAttention(nn.Module):
         compute the sliding and selected branches with flex attention; the numbers are
         the same. With use_triton_kernel=True, unless `disable_triton_kernel`, the
         compressed and selected branches run Triton kernels (notebooks 08-10; they win over
-        the flex masks), importance comes from `nsa_tutorial.kernels.importance`, and on a
-        GPU the window runs compiled flex attention.
+        the flex masks), importance comes from `nsa_tutorial.kernels.importance`, and the
+        window from `nsa_tutorial.kernels.window`.
         """
         self._check_input(inp, sliding_window_flex_mask, return_cache)
         if cache is not None:
@@ -337,11 +333,17 @@ class SparseAttention(nn.Module):
         use_kernels: bool = False,
     ) -> Tensor:  # fmt: skip
         """The sliding window over rotated q, k and v: through flex attention with a given
-        mask; with use_kernels on a GPU, compiled flex attention; else the exact chunks."""
+        mask; with use_kernels, the Triton kernels (faster than compiled flex attention on
+        an H200, notebook 10); else the exact chunks."""
         if flex_mask is not None:
             return sliding_window_attention_flex(q, k, v, flex_mask, self.scale)
-        window = sliding_window_attention_gpu if use_kernels else sliding_window_attention
-        return window(q, k, v, self.sliding_window_size, self.causal, self.scale)
+        if use_kernels:
+            from nsa_tutorial.kernels.window import window_attention
+
+            return window_attention(
+                q, k, v, window=self.sliding_window_size, causal=self.causal, scale=self.scale
+            )
+        return sliding_window_attention(q, k, v, self.sliding_window_size, self.causal, self.scale)
 
     def combine(
         self, x: Tensor, compressed: Tensor, selected: Tensor, sliding: Tensor,

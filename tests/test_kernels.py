@@ -233,7 +233,7 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_top
     """Every kernel the layer has is called (the one-pass top-n where diff-topk does not
     need the importance's gradient), and output and gradients equal the PyTorch path's."""
     from nsa_tutorial import SparseAttention
-    from nsa_tutorial.kernels import compressed, glue, top_blocks
+    from nsa_tutorial.kernels import compressed, glue, top_blocks, window
     from nsa_tutorial.kernels import selection as kernel_module
 
     torch.manual_seed(0)
@@ -255,6 +255,7 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_top
     kernels = (
         (kernel_module, "selection_attention"), (compressed, "compressed_attention"),
         (glue, "rotary_triton"), (glue, "gated_sum_triton"), (top_blocks, "top_blocks_kernel"),
+        (window, "window_attention"),
     )  # fmt: skip
     for module, name in kernels:
         original = getattr(module, name)
@@ -267,7 +268,7 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_top
     out.mean().backward()
     expected_calls = [
         "compressed_attention", "gated_sum_triton", "rotary_triton", "rotary_triton",
-        "selection_attention", *([] if diff_topk else ["top_blocks_kernel"]),
+        "selection_attention", *([] if diff_topk else ["top_blocks_kernel"]), "window_attention",
     ]  # fmt: skip
     assert sorted(calls) == expected_calls
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -307,6 +308,7 @@ def test_bad_input_is_named(change, error, message):
     args.update(change)
     if "k" in change:
         args["v"] = args["k"]
+    args = {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in args.items()}
     with pytest.raises(error, match=message):
         selection_attention(**args)
 

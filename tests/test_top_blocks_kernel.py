@@ -124,6 +124,7 @@ def test_bad_input_is_named(change, error, message):
                     stride=4, selection_block=4, group_size=2, interpolate=False, causal=True,
                     scale=0.25)  # fmt: skip
     settings.update(change)
+    settings = {name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in settings.items()}
     with pytest.raises(error, match=message):
         top_blocks_kernel(**settings)
 
