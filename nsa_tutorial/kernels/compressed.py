@@ -167,7 +167,7 @@ def _forward_keys(q, acc, m_i, l_i, K_HEAD, V_HEAD, lo, hi, limit, num_keys, log
 
 
 @triton.jit
-def _forward_kernel(
+def _compressed_forward_kernel(
     Q, K, V, OUT, LSE, n, num_memory, num_keys, stride, log2_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -218,7 +218,7 @@ def _dq_keys(q, do, lse, delta, dq, K_HEAD, V_HEAD, lo, hi, limit, num_keys, log
 
 
 @triton.jit
-def _backward_dq_kernel(
+def _compressed_backward_dq_kernel(
     Q, K, V, OUT, DO, LSE, DQ, DELTA, n, num_memory, num_keys, stride, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -278,7 +278,7 @@ def _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, bh, keys, lo, hi, n, num_memory, 
 
 
 @triton.jit
-def _backward_dkv_kernel(
+def _compressed_backward_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, n, num_memory, num_keys, stride, rows_per_program,
     sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -345,7 +345,7 @@ def _forward(q, ck, cv, num_memory, stride, causal, scale):
     grid, settings = _row_tiles("forward", q, ck, causal)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    _forward_kernel[grid](
+    _compressed_forward_kernel[grid](
         q, ck, cv, out, lse, q.shape[2], num_memory, ck.shape[2], stride, scale * LOG2_E,
         **settings,
     )
@@ -357,7 +357,7 @@ def _backward_dq(do, q, ck, cv, out, lse, num_memory, stride, causal, scale):
     grid, settings = _row_tiles("dq", q, ck, causal)
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
-    _backward_dq_kernel[grid](
+    _compressed_backward_dq_kernel[grid](
         q, ck, cv, out, do, lse, dq, delta, q.shape[2], num_memory, ck.shape[2], stride, scale,
         scale * LOG2_E, **settings,
     )
@@ -375,8 +375,8 @@ def _backward_dkv(do, q, ck, cv, lse, delta, num_memory, stride, causal, scale):
     chunk = triton.cdiv(chunk, launch.block_m) * launch.block_m  # whole row tiles
     dk = torch.zeros(ck.shape, dtype=torch.float32, device=ck.device)
     dv = torch.zeros_like(dk)
-    _backward_dkv_kernel[(triton.cdiv(num_keys, launch.block_n), triton.cdiv(rows, chunk),
-                          b * hk)](
+    key_tiles = (triton.cdiv(num_keys, launch.block_n), triton.cdiv(rows, chunk), b * hk)
+    _compressed_backward_dkv_kernel[key_tiles](
         q, ck, cv, do, lse, delta, dk, dv, n, num_memory, num_keys, stride, chunk, scale,
         scale * LOG2_E,
         G=group, D=d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=_block_d(d),

@@ -76,7 +76,7 @@ def _key_span(first, last, window, num_keys, CAUSAL: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _forward_kernel(
+def _window_forward_kernel(
     Q, K, V, OUT, LSE, n, num_keys, window, log2_scale,
     CAUSAL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -115,7 +115,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_dq_kernel(
+def _window_backward_dq_kernel(
     Q, K, V, OUT, DO, LSE, DQ, DELTA, n, num_keys, window, sm_scale, log2_scale,
     CAUSAL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -152,7 +152,7 @@ def _backward_dq_kernel(
 
 
 @triton.jit
-def _backward_dkv_kernel(
+def _window_backward_dkv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, n, num_keys, window, sm_scale, log2_scale,
     CAUSAL: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -208,8 +208,8 @@ class WindowAttention(torch.autograd.Function):
         row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
         out = torch.empty_like(q)
         lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
-        _forward_kernel[row_tiles](q, k, v, out, lse, n, _num_keys(n, window, causal), window,
-                                   scale * LOG2_E, **_settings(q, k, causal))  # fmt: skip
+        _window_forward_kernel[row_tiles](q, k, v, out, lse, n, _num_keys(n, window, causal),
+                                          window, scale * LOG2_E, **_settings(q, k, causal))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.settings = (window, causal, scale)
         return out
@@ -224,11 +224,11 @@ class WindowAttention(torch.autograd.Function):
         row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(lse)
-        _backward_dq_kernel[row_tiles](q, k, v, out, do, lse, dq, delta, n, num_keys, window,
-                                       scale, scale * LOG2_E, **settings)  # fmt: skip
+        _window_backward_dq_kernel[row_tiles](q, k, v, out, do, lse, dq, delta, n, num_keys,
+                                              window, scale, scale * LOG2_E, **settings)
         key_tiles = (triton.cdiv(n, LAUNCH.block_n), b * k.shape[1])
-        _backward_dkv_kernel[key_tiles](q, k, v, do, lse, delta, dk, dv, n, num_keys, window,
-                                        scale, scale * LOG2_E, **settings)  # fmt: skip
+        _window_backward_dkv_kernel[key_tiles](q, k, v, do, lse, delta, dk, dv, n, num_keys,
+                                               window, scale, scale * LOG2_E, **settings)
         return dq, dk, dv, None, None, None
 
 
