@@ -15,11 +15,14 @@ kernels = pytest.importorskip("nsa_tutorial.kernels.window")
 window_attention = kernels.window_attention
 
 
-@pytest.fixture(params=["launch", "small"], ids=["launch-tiles", "small-tiles"])
+SMALL_TILES = {"small": kernels.Launch(16, 16, 2, 1), "oblong": kernels.Launch(32, 16, 2, 1)}
+
+
+@pytest.fixture(params=["launch", "small", "oblong"], ids=lambda name: f"{name}-tiles")
 def tiles(request, monkeypatch):
-    """The module's launch, or 16 x 16 tiles in one stage."""
-    if request.param == "small":
-        monkeypatch.setattr(kernels, "LAUNCH", kernels.Launch(16, 16, 2, 1))
+    """The module's launch, 16 x 16 tiles, or 32 rows x 16 keys, in one stage."""
+    if request.param in SMALL_TILES:
+        monkeypatch.setattr(kernels, "LAUNCH", SMALL_TILES[request.param])
     return request.param
 
 
@@ -45,6 +48,7 @@ CASES = [
     (1, 2, 2, 70, 24, 5),
     (1, 1, 3, 33, 16, 1),
     (1, 1, 8, 64, 16, 31),
+    (1, 1, 2, 40, 160, 9),  # over 256 bytes a row in float32: launch_settings' small tiles
 ]
 
 
@@ -78,6 +82,7 @@ def test_half_precision(dtype, causal):
         (dict(window=0), ValueError, "window must be positive"),
         (dict(window=2.5), TypeError, "window must be an int"),
         (dict(scale="big"), TypeError, "scale must be a number or None"),
+        (dict(scale=True), TypeError, "scale must be a number or None, got scale=True"),
         (dict(causal=None), TypeError, "causal must be a bool, got causal=None"),
         (dict(k=torch.zeros(1, 3, 8, 16), v=torch.zeros(1, 3, 8, 16)), ValueError,
          "multiple of the kv heads"),
@@ -91,3 +96,13 @@ def test_bad_input_is_named(change, error, message):
     arguments.update({name: t.to(DEVICE) for name, t in arguments.items() if torch.is_tensor(t)})
     with pytest.raises(error, match=message):
         window_attention(**arguments)
+
+
+def test_wide_rows_get_small_tiles():
+    """Rows over 256 bytes (bfloat16 past d = 128, float32 past 64) would not fit the
+    launch's tiles in shared memory on a GPU: they get 32 x 32 tiles in one stage."""
+    assert kernels.launch_settings(128, torch.bfloat16) == kernels.LAUNCH
+    assert kernels.launch_settings(64, torch.float32) == kernels.LAUNCH
+    for dim, dtype in [(256, torch.bfloat16), (192, torch.float16), (128, torch.float32)]:
+        launch = kernels.launch_settings(dim, dtype)
+        assert (launch.block_m, launch.block_n, launch.num_stages) == (32, 32, 1)

@@ -10,8 +10,12 @@ The rows are the compressed kernels' (`nsa_tutorial.kernels.compressed`): row
 r = t * G + g is query head h * G + g at token t, so a tile of BLOCK_M rows holds
 BLOCK_M / G tokens with all G heads of their group, and each tile of keys is loaded once
 for the whole GQA group. Flex attention (`nsa_tutorial.sliding.sliding_window_attention_gpu`)
-runs every query head on its own and rounds the window out to 128 x 128 tiles; on an
-H200 these kernels are faster (benchmarks/window_gpu.json), so the layer uses them.
+runs every query head on its own and rounds the window out to 128 x 128 tiles. On an H200
+at 64k tokens these kernels are 1.3x faster than flex attention compiled for dynamic
+shapes, the kernel the layer got from its second length on (benchmarks/window_gpu.json),
+and about as fast as flex compiled for one length (an earlier run,
+benchmarks/sliding_window_gpu.json); they compile once for every length, so the layer
+uses them.
 
 - Forward: program (row tile, batch * kv head) walks the key tiles from the window's
   start for its first token to the window's end for its last token, with an online
@@ -46,7 +50,7 @@ from nsa_tutorial.validation import require_positive_int
 
 @dataclass(frozen=True)
 class Launch:
-    """How the three kernels are tiled and launched (not tuned yet)."""
+    """How the three kernels are tiled and launched."""
 
     block_m: int = 64  # rows (token, group head) per tile
     block_n: int = 64  # keys per tile
@@ -54,7 +58,17 @@ class Launch:
     num_stages: int = 2
 
 
+# The best forward + backward of window_gpu.py's sweep at 64k (bfloat16, d = 128).
 LAUNCH = Launch()
+
+
+def launch_settings(dim: int, dtype: torch.dtype) -> Launch:
+    """LAUNCH; where a head row is over 256 bytes (half precision over 128 wide, float32
+    over 64), tiles of at most 32 x 32 in one stage, as for the compressed kernels, so
+    that they fit in shared memory (not tuned: those cases are for checking, not speed)."""
+    if dim * dtype.itemsize <= 256:
+        return LAUNCH
+    return Launch(min(32, LAUNCH.block_m), min(32, LAUNCH.block_n), LAUNCH.num_warps, 1)
 
 
 @triton.jit
@@ -190,12 +204,27 @@ def _window_backward_dkv_kernel(
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-def _settings(q: Tensor, k: Tensor, causal: bool) -> dict:
+def _num_keys(n: int, window: int, causal: bool) -> int:
+    """How many keys the window rule runs over: n, or not causal n padded with zero keys to
+    a multiple of the window (the reference's quirk)."""
+    return n if causal else n + (-n % window)
+
+
+def _grids(q: Tensor, k: Tensor, launch: Launch) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(row tiles, batch * kv heads) for the forward and dq kernels, (key tiles, batch * kv
+    heads) for the dk, dv kernel."""
+    b, hq, n, _ = q.shape
+    hk = k.shape[1]
+    row_tiles = (triton.cdiv(n * (hq // hk), launch.block_m), b * hk)
+    return row_tiles, (triton.cdiv(n, launch.block_n), b * hk)
+
+
+def _settings(q: Tensor, k: Tensor, causal: bool, launch: Launch) -> dict:
     """The compile-time settings the three kernels share."""
     return dict(
-        CAUSAL=causal, G=q.shape[1] // k.shape[1], D=q.shape[-1], BLOCK_M=LAUNCH.block_m,
-        BLOCK_N=LAUNCH.block_n, BLOCK_D=_block_d(q.shape[-1]), PRECISION=_precision(q.dtype),
-        num_warps=LAUNCH.num_warps, num_stages=LAUNCH.num_stages,
+        CAUSAL=causal, G=q.shape[1] // k.shape[1], D=q.shape[-1], BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n, BLOCK_D=_block_d(q.shape[-1]), PRECISION=_precision(q.dtype),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
 
 
@@ -204,12 +233,14 @@ class WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, window, causal, scale):
-        b, hq, n, _ = q.shape
-        row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
+        n = q.shape[2]
+        launch = launch_settings(q.shape[-1], q.dtype)
+        row_tiles, _ = _grids(q, k, launch)
         out = torch.empty_like(q)
-        lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         _window_forward_kernel[row_tiles](q, k, v, out, lse, n, _num_keys(n, window, causal),
-                                          window, scale * LOG2_E, **_settings(q, k, causal))
+                                          window, scale * LOG2_E,
+                                          **_settings(q, k, causal, launch))  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.settings = (window, causal, scale)
         return out
@@ -219,23 +250,17 @@ class WindowAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         window, causal, scale = ctx.settings
         do = do.contiguous()
-        b, hq, n, _ = q.shape
-        num_keys, settings = _num_keys(n, window, causal), _settings(q, k, causal)
-        row_tiles = (triton.cdiv(n * (hq // k.shape[1]), LAUNCH.block_m), b * k.shape[1])
+        n = q.shape[2]
+        launch = launch_settings(q.shape[-1], q.dtype)
+        (row_tiles, key_tiles), settings = _grids(q, k, launch), _settings(q, k, causal, launch)
+        num_keys = _num_keys(n, window, causal)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty_like(lse)
         _window_backward_dq_kernel[row_tiles](q, k, v, out, do, lse, dq, delta, n, num_keys,
                                               window, scale, scale * LOG2_E, **settings)
-        key_tiles = (triton.cdiv(n, LAUNCH.block_n), b * k.shape[1])
         _window_backward_dkv_kernel[key_tiles](q, k, v, do, lse, delta, dk, dv, n, num_keys,
                                                window, scale, scale * LOG2_E, **settings)
         return dq, dk, dv, None, None, None
-
-
-def _num_keys(n: int, window: int, causal: bool) -> int:
-    """How many keys the window rule runs over: n, or not causal n padded with zero keys to
-    a multiple of the window (the reference's quirk)."""
-    return n if causal else n + (-n % window)
 
 
 def window_attention(
