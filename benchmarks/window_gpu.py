@@ -10,6 +10,11 @@ bfloat16. In one run, at each length: do_bench medians of `sliding_window_attent
 (compiled flex attention, cached BlockMask) and `window_attention` (the kernels of
 `nsa_tutorial.kernels.window`), forward and forward + backward, their agreement (relative
 error of out, dq, dk, dv against each other), and at 64k the kernels' launch settings.
+
+Flex attention runs as the layer ran it, one compiled function for every length: a
+kernel specialised to the first length (8k), then, from the second length on, the one
+compiled for dynamic shapes (`nsa_tutorial.sliding.compiled_flex_attention`).
+`sliding_window_gpu.py` times flex compiled for each length on its own as well.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ flex attention (notebook 10): the window becomes a BlockMask of 128 x 128 tiles,
 from block arithmetic and cached per length, and one fused kernel skips the tiles
 outside the window, forward and backward, without the chunks' (n, 2w) scores. The layer's
 kernel path uses `nsa_tutorial.kernels.window` instead: Triton kernels that share each key
-tile among a GQA group's heads, 1.3x faster on an H200 (benchmarks/window_gpu.json).
+tile among a GQA group's heads and compile once for every length (their docstring has the
+measurements against flex attention).
 """
 
 from __future__ import annotations
