@@ -118,10 +118,19 @@ PACKAGE = {
         lambda q, ck, cv, m, stride: compress.compressed_attention(q, ck, cv, m, stride, True)[0],
         lambda *args: triton_compressed_attention(*args),
     ],
+    "window_key_tiles": [lambda *args: tiles_from_the_mask(*args)],
     "needle_targets": [training.needle_targets],
     "answer_accuracy": [training.answer_accuracy],
     "top_selected_block": [training.top_selected_block],
 }
+
+
+def tiles_from_the_mask(first, last, window, n, causal, block):
+    """The tiles of `block` keys holding a key that notebook 05's window mask shows one of
+    the tokens first .. last (not causal, over n padded to a multiple of the window)."""
+    num_keys = n if causal else n + (-n % window)
+    seen = sliding.sliding_window_mask(num_keys, window, causal)[first : last + 1].any(dim=0)
+    return sorted({key // block * block for key in seen.nonzero().flatten().tolist()})
 
 
 def triton_compressed_attention(q, ck, cv, num_memory, stride):

@@ -4,6 +4,7 @@ shows the launcher its check uses)."""
 
 import pytest
 import torch
+from test_exercises import tiles_from_the_mask
 
 from nsa_tutorial.compress import compressed_attention
 from nsa_tutorial.course import check
@@ -25,6 +26,20 @@ def test_compressed_kernel_spec_is_notebook_02s_attention():
         q, ck, cv, m, stride = case.args
         expected = compressed_attention(q, ck, cv, m, stride, True)[0]
         assert torch.allclose(stage10.compressed_kernel_spec(*case.args), expected, atol=1e-6)
+
+
+def test_window_key_tiles_spec_is_notebook_05s_mask():
+    """Over many row tiles, the spec's tiles are those that hold a key the window mask
+    shows one of the tile's tokens: no tile missed, none walked for nothing."""
+    generator = torch.Generator().manual_seed(10)
+    for _ in range(300):
+        n, window, block = (int(torch.randint(lo, hi, (), generator=generator))
+                            for lo, hi in ((1, 90), (1, 40), (1, 20)))  # fmt: skip
+        first = int(torch.randint(0, n, (), generator=generator))
+        last = int(torch.randint(first, n, (), generator=generator))
+        for causal in (True, False):
+            args = (first, last, window, n, causal, block)
+            assert stage10.window_key_tiles_spec(*args) == tiles_from_the_mask(*args), args
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")

@@ -1,6 +1,6 @@
 """Checks for notebook 10: the whole layer on a GPU.
 
-Two exercises:
+Three exercises:
 
 - `selection_block_weights`: the compressed -> selection block map of notebook 03 as a
   matrix W (w, w'), so that importance needs no (n, w) tensor (scores @ W);
@@ -8,7 +8,9 @@ Two exercises:
   program, over the visible prefix of memory + compressed keys with an online softmax.
   `launch_compressed_kernel` runs it; the notebook shows the same launcher (a test keeps
   the two identical). As in stage 08, the check accepts the kernel itself or any Python
-  function with the spec's signature.
+  function with the spec's signature;
+- `window_key_tiles`: which tiles of keys a row tile of the window kernel walks, the
+  index arithmetic before its loop (`nsa_tutorial/kernels/window.py`'s `_key_span`).
 """
 
 from __future__ import annotations
@@ -292,4 +294,117 @@ COMPRESSED_KERNEL = Exercise(
     ),
 )
 
-EXERCISES = [SELECTION_BLOCK_WEIGHTS, COMPRESSED_KERNEL]
+# ---- exercise C: the key tiles of the window kernel's row tile --------------------------
+
+
+def _keys_seen(first: int, last: int, window: int, n: int, causal: bool) -> tuple[int, int]:
+    """The first key that tokens first .. last see, and one past their last: keys t - window
+    .. t (causal) or .. t + window, none below 0, and not causal up to n padded to a
+    multiple of the window (the zero keys the last queries still see)."""
+    num_keys = n if causal else n + (-n % window)
+    return max(first - window, 0), last + 1 if causal else min(last + window + 1, num_keys)
+
+
+def window_key_tiles_spec(
+    first: int, last: int, window: int, n: int, causal: bool, block: int
+) -> list[int]:
+    """The starts, in increasing order, of the tiles of `block` keys that hold a key some
+    token first .. last sees."""
+    lo, hi = _keys_seen(first, last, window, n, causal)
+    return list(range(lo // block * block, hi, block))
+
+
+def _tile_cases() -> list[Case]:
+    return [
+        Case((61, 64, 16, 100, True, 16)),  # the last token starts a tile of its own
+        Case((47, 50, 16, 100, True, 16)),  # the window reaches one key into a tile
+        Case((2, 5, 16, 100, True, 16)),  # the window would start before key 0
+        Case((50, 53, 16, 100, False, 16)),  # not causal: keys past the last token
+        Case((86, 89, 16, 97, False, 8)),  # and past n: the zero keys 97 .. 105
+        Case((0, 3, 512, 4096, True, 64)),  # the layer's window at its first tokens
+        Case((1020, 1023, 512, 4096, True, 64)),  # and further on: 9 tiles
+    ]
+
+
+def _last_key_left_out(first, last, window, n, causal, block):
+    lo, hi = _keys_seen(first, last, window, n, causal)
+    return list(range(lo // block * block, hi - 1, block))
+
+
+def _unaligned(first, last, window, n, causal, block):
+    return list(range(*_keys_seen(first, last, window, n, causal), block))
+
+
+def _below_zero(first, last, window, n, causal, block):
+    _, hi = _keys_seen(first, last, window, n, causal)
+    return list(range((first - window) // block * block, hi, block))
+
+
+def _window_one_short(first, last, window, n, causal, block):
+    return window_key_tiles_spec(first + 1, last, window, n, causal, block)
+
+
+def _always_causal(first, last, window, n, causal, block):
+    return window_key_tiles_spec(first, last, window, n, True, block)
+
+
+def _without_zero_keys(first, last, window, n, causal, block):
+    lo, hi = _keys_seen(first, last, window, n, causal)
+    return list(range(lo // block * block, min(hi, n), block))
+
+
+WINDOW_KEY_TILES = Exercise(
+    name="window_key_tiles",
+    stage="10",
+    hints=(
+        (
+            "the answer is a list of ints, the tiles' first keys, in increasing order: every "
+            "tile of `block` keys (starting at a multiple of block) that holds a key one of "
+            "the tokens first .. last sees."
+        ),
+        (
+            "the rule: the first key seen is max(first - window, 0); the last is last (causal) "
+            "or last + window, but not causal no further than the keys that exist: n padded "
+            "to a multiple of the window (n + (-n % window)), minus one. Round the first key "
+            "down to its tile and walk tiles up to the last key."
+        ),
+        (
+            "a skeleton:\n"
+            "    num_keys = n if causal else ...\n"
+            "    lo = max(..., 0) // block * block\n"
+            "    hi = last + 1 if causal else min(..., num_keys)  # one past the last key\n"
+            "    return list(range(lo, hi, block))"
+        ),
+    ),
+    spec=window_key_tiles_spec,
+    make_cases=_tile_cases,
+    mistakes=(
+        Mistake(
+            "the last key seen is left out: a range's end is exclusive, so walk up to one "
+            "past it (last + 1 causal: a token sees itself).",
+            _last_key_left_out,
+        ),
+        Mistake(
+            "the tiles must start at multiples of block: round the first key seen down to "
+            "its tile (// block * block).",
+            _unaligned,
+        ),
+        Mistake("there are no keys below 0: start at max(first - window, 0).", _below_zero),
+        Mistake(
+            "a token sees window + 1 keys, t - window .. t: the first key is first - window, "
+            "not first - window + 1.",
+            _window_one_short,
+        ),
+        Mistake(
+            "not causal, token t also sees the keys after it, up to t + window.",
+            _always_causal,
+        ),
+        Mistake(
+            "not causal, the last tokens also see the zero keys past n: the keys go up to n "
+            "padded to a multiple of the window, n + (-n % window).",
+            _without_zero_keys,
+        ),
+    ),
+)
+
+EXERCISES = [SELECTION_BLOCK_WEIGHTS, COMPRESSED_KERNEL, WINDOW_KEY_TILES]
