@@ -32,7 +32,7 @@ logits): every query sees at least the first memory token, so no row is empty.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import triton
@@ -45,9 +45,10 @@ from nsa_tutorial.kernels import (
     require_runnable_kernels,
 )
 from nsa_tutorial.kernels.selection import LOG2_E, _dot, _precision
-from nsa_tutorial.validation import require_positive_int
+from nsa_tutorial.validation import require_bool, require_number, require_positive_int
 
 Kernel = Literal["forward", "dq", "dkv"]
+Settings = TypeVar("Settings")  # a kernel module's Launch dataclass
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,15 @@ LAUNCH: dict[Kernel, Launch] = {
 
 
 def launch_settings(kernel: Kernel, dim: int, dtype: torch.dtype) -> Launch:
-    """`kernel`'s LAUNCH entry; where a head row is over 256 bytes (half precision over 128
-    wide, float32 over 64), tiles of at most 32 x 32 and one stage, so that they fit in
-    shared memory (not tuned: those cases are for checking, not speed)."""
-    launch = LAUNCH[kernel]
+    """`kernel`'s LAUNCH entry, fitted to rows `dim` wide (`fit_wide_rows`)."""
+    return fit_wide_rows(LAUNCH[kernel], dim, dtype)
+
+
+def fit_wide_rows(launch: Settings, dim: int, dtype: torch.dtype) -> Settings:
+    """`launch` (any settings with block_m, block_n, num_stages); where a head row is over
+    256 bytes (half precision over 128 wide, float32 over 64), tiles of at most 32 x 32
+    and one stage, so that they fit in shared memory (not tuned: those cases are for
+    checking, not speed)."""
     if dim * dtype.itemsize <= 256:
         return launch
     return replace(launch, block_m=min(32, launch.block_m), block_n=min(32, launch.block_n),
@@ -445,8 +451,6 @@ def _check_inputs(q, ck, cv, num_memory, stride, causal, scale):
             f"query sees the memory; with none, an early causal query would see no key), got "
             f"num_memory={num_memory}"
         )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got causal={causal!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a number or None, got scale={scale!r}")
+    require_bool("causal", causal)
+    require_number("scale", scale, allow_none=True)
     require_kernel_device(q=q, ck=ck, cv=cv)

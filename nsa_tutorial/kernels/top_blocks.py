@@ -30,7 +30,7 @@ from torch import Tensor
 from nsa_tutorial.importance import SINK_LOGIT
 from nsa_tutorial.kernels import require_kernel_device, require_runnable_kernels
 from nsa_tutorial.kernels.importance import _block_map
-from nsa_tutorial.validation import require_positive_int
+from nsa_tutorial.validation import require_bool, require_number, require_positive_int
 
 # Chosen on an H200 at 64k tokens (issue 12's shape) from queries 16-64, blocks 32-64, 4 or
 # 8 warps, both precisions (benchmarks/top_blocks_tuning_gpu.py and its JSON); in
@@ -229,7 +229,5 @@ def _check_inputs(
         )
     require_positive_int("stride", stride)
     require_positive_int("selection_block", selection_block)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got causal={causal!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, got scale={scale!r}")
+    require_bool("causal", causal)
+    require_number("scale", scale)

@@ -43,9 +43,9 @@ from nsa_tutorial.kernels import (
     require_kernel_device,
     require_runnable_kernels,
 )
-from nsa_tutorial.kernels.compressed import _block_d, _load_rows, _rows
+from nsa_tutorial.kernels.compressed import _block_d, _load_rows, _rows, fit_wide_rows
 from nsa_tutorial.kernels.selection import LOG2_E, _dot, _precision
-from nsa_tutorial.validation import require_positive_int
+from nsa_tutorial.validation import require_bool, require_number, require_positive_int
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,8 @@ LAUNCH = Launch()
 
 
 def launch_settings(dim: int, dtype: torch.dtype) -> Launch:
-    """LAUNCH; where a head row is over 256 bytes (half precision over 128 wide, float32
-    over 64), tiles of at most 32 x 32 in one stage, as for the compressed kernels, so
-    that they fit in shared memory (not tuned: those cases are for checking, not speed)."""
-    if dim * dtype.itemsize <= 256:
-        return LAUNCH
-    return Launch(min(32, LAUNCH.block_m), min(32, LAUNCH.block_n), LAUNCH.num_warps, 1)
+    """LAUNCH, fitted to rows `dim` wide as the compressed kernels' (`fit_wide_rows`)."""
+    return fit_wide_rows(LAUNCH, dim, dtype)
 
 
 @triton.jit
@@ -276,10 +272,8 @@ def window_attention(
     """
     check_attention_tensors(q, k, v, ("k", "v"), ("b", "hk", "n", "d"))
     require_positive_int("window", window)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got causal={causal!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a number or None, got scale={scale!r}")
+    require_bool("causal", causal)
+    require_number("scale", scale, allow_none=True)
     require_kernel_device(q=q, k=k, v=v)
     require_runnable_kernels()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
