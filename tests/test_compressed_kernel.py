@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from einops import rearrange
 from kernel_checks import DEVICE, assert_close_in_half_precision
 
 from nsa_tutorial.compress import compressed_attention as pytorch_path
@@ -109,6 +110,18 @@ def test_keys_past_the_sequence_and_strided_inputs():
     q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
     assert not q.is_contiguous()
     assert_matches_reference([q, ck, cv], 1, 4, True)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "not-causal"])
+def test_query_heads_read_in_place_from_a_projection(causal, tiles):
+    """q as the layer makes it, the query heads of a wider qkv projection (b, n, width)
+    seen as (b, h, n, d): read in place, not copied, with the same numbers."""
+    q, ck, cv = random_problem(2, 2, 3, 23, 16, 4, 1, torch.float32, seed=11)
+    projection = torch.randn(2, 23, 6 * 16 + 40, device=DEVICE)
+    projection[..., : 6 * 16] = rearrange(q, "b h n d -> b n (h d)")
+    q = rearrange(projection[..., : 6 * 16], "b n (h d) -> b h n d", d=16)
+    assert q.stride() == (23 * 136, 16, 136, 1)
+    assert_matches_reference([q, ck, cv], 1, 4, causal)
 
 
 @pytest.mark.parametrize(

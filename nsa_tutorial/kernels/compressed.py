@@ -118,7 +118,8 @@ def _first_reader(key, num_memory, stride, CAUSAL: tl.constexpr):
 def _rows(start, bh, n, G: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows start .. start + BLOCK_M - 1 of kv head bh's list of (token, group head) pairs:
     their tokens (BLOCK_M,), which rows exist, and each row's index in a (b, hq, n) tensor
-    (lse, delta), which is also its row of a (b, hq, n, d) tensor (q, out, dO, dq).
+    (lse, delta), which is also its row of a contiguous (b, hq, n, d) tensor (out, dO,
+    dq; q need not be contiguous: `_query_offsets`).
     bh = b * hk + h, so query head h * G + g of batch b is head bh * G + g of all b * hq."""
     rows = start + tl.arange(0, BLOCK_M)
     tokens = rows // G
@@ -127,12 +128,30 @@ def _rows(start, bh, n, G: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _query_offsets(start, bh, num_kv_heads, sq_b, sq_h, sq_n, G: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """Where rows start .. start + BLOCK_M - 1 of kv head bh begin in q, a (b, hq, n, d)
+    tensor with strides (sq_b, sq_h, sq_n, 1): the layer's q is a slice of the qkv
+    projection, read in place rather than copied."""
+    rows = start + tl.arange(0, BLOCK_M)
+    b, h = bh // num_kv_heads, bh % num_kv_heads
+    return b * sq_b + (h * G + rows % G) * sq_h + (rows // G).to(tl.int64) * sq_n
+
+
+@triton.jit
+def _load_tile(PTR, offsets, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows that begin at `offsets` (R,) as an (R, BLOCK_D) tile, zero where not ok
+    and in the padding past D."""
+    dims = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (dims < D)[None, :]
+    return tl.load(PTR + offsets[:, None] + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_rows(PTR, index, ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows `index` (R,) of a contiguous (rows, D) tensor as an (R, BLOCK_D) tile, zero
     where not ok and in the padding past D."""
-    dims = tl.arange(0, BLOCK_D)
-    mask = ok[:, None] & (dims < D)[None, :]
-    return tl.load(PTR + index[:, None] * D + dims[None, :], mask=mask, other=0.0)
+    return _load_tile(PTR, index * D, ok, D, BLOCK_D)
 
 
 @triton.jit
@@ -174,8 +193,8 @@ def _forward_keys(q, acc, m_i, l_i, K_HEAD, V_HEAD, lo, hi, limit, num_keys, log
 
 @triton.jit
 def _compressed_forward_kernel(
-    Q, K, V, OUT, LSE, n, num_memory, num_keys, stride, log2_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, K, V, OUT, LSE, sq_b, sq_h, sq_n, n, num_kv_heads, num_memory, num_keys, stride,
+    log2_scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (row tile, batch * kv head), last tiles (the longest walks) first: out and
@@ -183,7 +202,8 @@ def _compressed_forward_kernel(
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
-    q = _load_rows(Q, rows, row_ok, D, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    q_rows = _query_offsets(start, bh, num_kv_heads, sq_b, sq_h, sq_n, G, BLOCK_M)
+    q = _load_tile(Q, q_rows, row_ok, D, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     limit = _visible_keys(tokens, num_memory, num_keys, stride, CAUSAL)
     unmasked_end, end = _key_span(start, n, num_memory, num_keys, stride, G, BLOCK_M,
                                   BLOCK_N, CAUSAL)
@@ -225,7 +245,8 @@ def _dq_keys(q, do, lse, delta, dq, K_HEAD, V_HEAD, lo, hi, limit, num_keys, log
 
 @triton.jit
 def _compressed_backward_dq_kernel(
-    Q, K, V, OUT, DO, LSE, DQ, DELTA, n, num_memory, num_keys, stride, sm_scale, log2_scale,
+    Q, K, V, OUT, DO, LSE, DQ, DELTA, sq_b, sq_h, sq_n, n, num_kv_heads, num_memory, num_keys,
+    stride, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -234,7 +255,8 @@ def _compressed_backward_dq_kernel(
     start = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
-    q = _load_rows(Q, rows, row_ok, D, BLOCK_D)
+    q_rows = _query_offsets(start, bh, num_kv_heads, sq_b, sq_h, sq_n, G, BLOCK_M)
+    q = _load_tile(Q, q_rows, row_ok, D, BLOCK_D)
     do = _load_rows(DO, rows, row_ok, D, BLOCK_D)
     out = _load_rows(OUT, rows, row_ok, D, BLOCK_D)
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)  # softmax backward's rowsum
@@ -258,17 +280,18 @@ def _compressed_backward_dq_kernel(
 
 
 @triton.jit
-def _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, bh, keys, lo, hi, n, num_memory, num_keys,
-              stride, log2_scale, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, bh, keys, lo, hi, n,
+              num_kv_heads, num_memory, num_keys, stride, log2_scale, G: tl.constexpr,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Row tiles lo .. hi of the dk, dv walk, keys k, v (BLOCK_N, D) against rows q, dO
     (BLOCK_M, D), transposed (keys first, as Triton's fused-attention tutorial) so that
     dv += p^T dO and dk += ds^T q need no transpose of a computed tile. MASKED hides the
     keys a row does not see yet."""
     for start in range(lo, hi, BLOCK_M):
         tokens, row_ok, rows = _rows(start, bh, n, G, BLOCK_M)
-        q = _load_rows(Q, rows, row_ok, D, BLOCK_D)
+        q_rows = _query_offsets(start, bh, num_kv_heads, sq_b, sq_h, sq_n, G, BLOCK_M)
+        q = _load_tile(Q, q_rows, row_ok, D, BLOCK_D)
         do = _load_rows(DO, rows, row_ok, D, BLOCK_D)
         lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))  # no row: p = 0
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
@@ -285,8 +308,8 @@ def _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, bh, keys, lo, hi, n, num_memory, 
 
 @triton.jit
 def _compressed_backward_dkv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, n, num_memory, num_keys, stride, rows_per_program,
-    sm_scale, log2_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_n, n, num_kv_heads, num_memory, num_keys,
+    stride, rows_per_program, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -313,12 +336,12 @@ def _compressed_backward_dkv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, bh, keys, lo, tl.minimum(hi, sees_all),
-                       n, num_memory, num_keys, stride, log2_scale, G, D, BLOCK_M, BLOCK_D,
-                       CAUSAL, True, PRECISION)
-    dk, dv = _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, bh, keys, tl.maximum(lo, sees_all), hi,
-                       n, num_memory, num_keys, stride, log2_scale, G, D, BLOCK_M, BLOCK_D,
-                       CAUSAL, False, PRECISION)
+    dk, dv = _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, bh, keys, lo,
+                       tl.minimum(hi, sees_all), n, num_kv_heads, num_memory, num_keys, stride,
+                       log2_scale, G, D, BLOCK_M, BLOCK_D, CAUSAL, True, PRECISION)
+    dk, dv = _dkv_rows(k, v, dk, dv, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, bh, keys,
+                       tl.maximum(lo, sees_all), hi, n, num_kv_heads, num_memory, num_keys,
+                       stride, log2_scale, G, D, BLOCK_M, BLOCK_D, CAUSAL, False, PRECISION)
 
     dims = tl.arange(0, BLOCK_D)
     offsets = (bh * num_keys + keys)[:, None] * D + dims[None, :]
@@ -349,24 +372,24 @@ def _row_tiles(kernel: Kernel, q: Tensor, ck: Tensor, causal: bool) -> tuple[tup
 def _forward(q, ck, cv, num_memory, stride, causal, scale):
     """out (b, hq, n, d) and each row's log-sum-exp (b, hq, n), in log2 units, for backward."""
     grid, settings = _row_tiles("forward", q, ck, causal)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     _compressed_forward_kernel[grid](
-        q, ck, cv, out, lse, q.shape[2], num_memory, ck.shape[2], stride, scale * LOG2_E,
-        **settings,
-    )
+        q, ck, cv, out, lse, *q.stride()[:3], q.shape[2], ck.shape[1], num_memory, ck.shape[2],
+        stride, scale * LOG2_E, **settings,
+    )  # fmt: skip
     return out, lse
 
 
 def _backward_dq(do, q, ck, cv, out, lse, num_memory, stride, causal, scale):
     """dq (b, hq, n, d) and delta = rowsum(dO * O) (b, hq, n), float32."""
     grid, settings = _row_tiles("dq", q, ck, causal)
-    dq = torch.empty_like(q)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty_like(lse)
     _compressed_backward_dq_kernel[grid](
-        q, ck, cv, out, do, lse, dq, delta, q.shape[2], num_memory, ck.shape[2], stride, scale,
-        scale * LOG2_E, **settings,
-    )
+        q, ck, cv, out, do, lse, dq, delta, *q.stride()[:3], q.shape[2], ck.shape[1],
+        num_memory, ck.shape[2], stride, scale, scale * LOG2_E, **settings,
+    )  # fmt: skip
     return dq, delta
 
 
@@ -383,8 +406,8 @@ def _backward_dkv(do, q, ck, cv, lse, delta, num_memory, stride, causal, scale):
     dv = torch.zeros_like(dk)
     key_tiles = (triton.cdiv(num_keys, launch.block_n), triton.cdiv(rows, chunk), b * hk)
     _compressed_backward_dkv_kernel[key_tiles](
-        q, ck, cv, do, lse, delta, dk, dv, n, num_memory, num_keys, stride, chunk, scale,
-        scale * LOG2_E,
+        q, ck, cv, do, lse, delta, dk, dv, *q.stride()[:3], n, hk, num_memory, num_keys,
+        stride, chunk, scale, scale * LOG2_E,
         G=group, D=d, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=_block_d(d),
         CAUSAL=causal, PRECISION=_precision(q.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
@@ -435,7 +458,8 @@ def compressed_attention(
     _check_inputs(q, ck, cv, num_memory, stride, causal, scale)
     require_runnable_kernels()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    q, ck, cv = (t.contiguous() for t in (q, ck, cv))
+    q = q if q.stride(-1) == 1 else q.contiguous()  # any other strides are read in place
+    ck, cv = ck.contiguous(), cv.contiguous()
     return CompressedAttention.apply(q, ck, cv, num_memory, stride, causal, scale)
 
 
