@@ -184,10 +184,10 @@ class SparseAttention(nn.Module):
         if cache is not None:
             out, cache = decode_step(self, inp, cache)
             return (out, cache) if return_cache else out
-        x = self.norm(inp)
+        use_kernels = self.use_triton_kernel and not disable_triton_kernel
+        x = self.normalize(inp, use_kernels)
         q, k, v = self.project_heads(x)
         ck, cv = self.compressed_tokens(k, v)
-        use_kernels = self.use_triton_kernel and not disable_triton_kernel
         compressed, top = self.compressed_branch(q, ck, cv, use_kernels=use_kernels)
         rotated_q, rotated_k = self.rotate(q, use_kernels), self.rotate(k, use_kernels)
         selected = self.selected_branch(
@@ -202,6 +202,15 @@ class SparseAttention(nn.Module):
         running = running_buffer(k, v, self.compress_block_size, self.compress_block_sliding_stride)
         compression = CompressionState(KeysValues(ck, cv), running)
         return out, Cache(KeysValues(rotated_k, v), compression)
+
+    def normalize(self, inp: Tensor, use_kernels: bool = False) -> Tensor:
+        """The pre-norm of inp (b, n, dim); with use_kernels and an RMSNorm, one Triton pass
+        each way (`nsa_tutorial.kernels.glue`), same numbers, no float32 copies kept."""
+        if use_kernels and isinstance(self.norm, RMSNorm):
+            from nsa_tutorial.kernels.glue import rms_norm_triton
+
+            return rms_norm_triton(inp, self.norm.weight, self.norm.eps_for(inp.dtype))
+        return self.norm(inp)
 
     def project_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normed input (b, n, dim) -> q (b, h, n, d), k and v (b, kv_heads, n, d)."""

@@ -46,9 +46,13 @@ class RMSNorm(nn.Module):
                 f"RMSNorm(dim={self.dim}) needs inputs whose last axis has size {self.dim}, "
                 f"got x of shape {tuple(x.shape)}"
             )
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        normed = rms_norm(x.float(), self.weight.float(), eps)
+        normed = rms_norm(x.float(), self.weight.float(), self.eps_for(x.dtype))
         return normed.to(x.dtype)
+
+    def eps_for(self, dtype: torch.dtype) -> float:
+        """The eps used for inputs of `dtype`: the one given, else that dtype's machine
+        epsilon (as torch.nn.RMSNorm). SparseAttention's kernel path uses it as well."""
+        return self.eps if self.eps is not None else torch.finfo(dtype).eps
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -254,8 +254,8 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_top
     calls = []
     kernels = (
         (kernel_module, "selection_attention"), (compressed, "compressed_attention"),
-        (glue, "rotary_triton"), (glue, "gated_sum_triton"), (top_blocks, "top_blocks_kernel"),
-        (window, "window_attention"),
+        (glue, "rotary_triton"), (glue, "gated_sum_triton"), (glue, "rms_norm_triton"),
+        (top_blocks, "top_blocks_kernel"), (window, "window_attention"),
     )  # fmt: skip
     for module, name in kernels:
         original = getattr(module, name)
@@ -267,8 +267,9 @@ def test_module_uses_the_kernel_and_agrees(monkeypatch, causal, shared, diff_top
     out = fast(x)
     out.mean().backward()
     expected_calls = [
-        "compressed_attention", "gated_sum_triton", "rotary_triton", "rotary_triton",
-        "selection_attention", *([] if diff_topk else ["top_blocks_kernel"]), "window_attention",
+        "compressed_attention", "gated_sum_triton", "rms_norm_triton", "rotary_triton",
+        "rotary_triton", "selection_attention", *([] if diff_topk else ["top_blocks_kernel"]),
+        "window_attention",
     ]  # fmt: skip
     assert sorted(calls) == expected_calls
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -1,18 +1,24 @@
-"""Stage 10: the layer's glue as two small Triton kernels, forward and backward.
+"""Stage 10: the layer's glue as small Triton kernels, forward and backward.
 
-Between its big matrix products the layer runs chains of elementwise work: rotary on q
-and k (`nsa_tutorial.rotary.apply_rotary`: angles, cos, sin, a pair swap, a cast, a
-concatenation) and Eq. 5's gated sum (`nsa_tutorial.attention.combine_branches`: a
-stack of the three branches, a product, a sum, then a transpose for the output
-projection). Eager PyTorch writes every intermediate to memory. Each kernel here reads
-its inputs once and writes its result once, in the layout the next step wants:
+Between its big matrix products the layer runs chains of elementwise work: the pre-norm
+(`nsa_tutorial.norm.RMSNorm`: a float32 copy, a square, a mean, an rsqrt, two products, a
+cast), rotary on q and k (`nsa_tutorial.rotary.apply_rotary`: angles, cos, sin, a pair
+swap, a cast, a concatenation) and Eq. 5's gated sum
+(`nsa_tutorial.attention.combine_branches`: a stack of the three branches, a product, a
+sum, then a transpose for the output projection). Eager PyTorch writes every
+intermediate to memory. Each kernel here reads its inputs once and writes its result
+once, in the layout the next step wants:
 
+- `rms_norm_triton(x, weight, eps)`: x (..., dim) normed row by row into a contiguous
+  (..., dim). Autograd keeps x and one float32 scale per row; the backward is one pass
+  too, with the weight's gradient summed per program, then over programs.
 - `rotary_triton(x, freqs)`: x (b, h, n, d), any strides, rotated into a contiguous
-  (b, h, n, d). Its backward is the same kernel turning the other way.
+  (b, h, n, d). Each head's tile is read once and split into its feature pairs in
+  registers. Its backward is the same kernel turning the other way.
 - `gated_sum_triton(gates, compressed, selected, sliding)`: (b, h, n, 3) gates and three
   (b, h, n, d) branches -> (b, n, h * d), ready for `combine_heads`.
 
-Both compute in float32 and round once, as the PyTorch functions do; the GPU path of
+All compute in float32 and round once, as the PyTorch functions do; the GPU path of
 `SparseAttention` calls them (notebook 10 measures what they save).
 """
 
@@ -23,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa_tutorial.kernels import require_runnable_kernels
+from nsa_tutorial.kernels import require_kernel_device, require_runnable_kernels
 
 BLOCK_T = 32  # tokens per program; one program holds all d features of each token
 
@@ -31,25 +37,28 @@ BLOCK_T = 32  # tokens per program; one program holds all d features of each tok
 @triton.jit
 def _rotary_kernel(X, OUT, FREQS, H, n, offset, sx_b, sx_h, sx_n, SIGN: tl.constexpr,
                    D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token tile, batch): the features of BLOCK_T tokens in every head turned by
-    SIGN * (position * freq): out[j] = x[j] cos - x[j + 1] sin for even j and
-    x[j] cos + x[j - 1] sin for odd j. The angles are computed once for all H heads.
-    OUT is contiguous (b, H, n, D); BLOCK_D is D rounded up to a power of two."""
+    """Program (token tile, batch): each pair (even, odd) = (x[2i], x[2i + 1]) of BLOCK_T
+    tokens in every head turned by SIGN * (position * freqs[i]):
+    even cos - odd sin, odd cos + even sin. The D/2 angles per token are computed once for
+    all H heads; each head's (BLOCK_T, D) tile is read once, contiguously, and split into
+    its even and odd features in registers (no second, permuted load). OUT is contiguous
+    (b, H, n, D); BLOCK_D is D rounded up to a power of two, so BLOCK_D / 2 pairs."""
     b = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     features = tl.arange(0, BLOCK_D)
+    pairs = tl.arange(0, BLOCK_D // 2)
     ok = (tokens < n)[:, None] & (features < D)[None, :]
-    freqs = tl.load(FREQS + features // 2, mask=features < D, other=0.0)  # one per pair
-    angle = (tokens + offset).to(tl.float32)[:, None] * freqs[None, :]  # (BLOCK_T, BLOCK_D)
-    cos = tl.cos(angle)
-    sin = tl.where(features % 2 == 0, -SIGN, SIGN)[None, :] * tl.sin(angle)
-    partner = features ^ 1  # the other feature of the pair
+    freqs = tl.load(FREQS + pairs, mask=pairs < D // 2, other=0.0)
+    angle = (tokens + offset).to(tl.float32)[:, None] * freqs[None, :]  # (BLOCK_T, BLOCK_D/2)
+    cos, sin = tl.cos(angle), SIGN * tl.sin(angle)
     for h in range(H):
-        src = X + b * sx_b + h * sx_h + tokens[:, None] * sx_n
-        x = tl.load(src + features[None, :], mask=ok, other=0.0).to(tl.float32)
-        x_partner = tl.load(src + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        src = X + b * sx_b + h * sx_h + tokens[:, None] * sx_n + features[None, :]
+        x = tl.load(src, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
+        even, odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_D // 2, 2)))  # (BLOCK_T, BLOCK_D/2)
+        turned = tl.join(even * cos - odd * sin, odd * cos + even * sin)  # (.., BLOCK_D/2, 2)
         dst = OUT + ((b * H + h) * n + tokens[:, None]) * D + features[None, :]
-        tl.store(dst, (x * cos + x_partner * sin).to(OUT.dtype.element_ty), mask=ok)
+        out = tl.reshape(turned, (BLOCK_T, BLOCK_D)).to(OUT.dtype.element_ty)
+        tl.store(dst, out, mask=ok)
 
 
 def _rotate(x: Tensor, freqs: Tensor, offset: int, sign: int) -> Tensor:
@@ -216,3 +225,112 @@ def gated_sum_triton(
 def _strides(t: Tensor) -> tuple[int, int, int]:
     """The (b, h, n) strides of a (b, h, n, d) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+NORM_ROWS = 4  # rows per program of the RMSNorm forward, one after another
+NORM_PARTIALS = 1024  # most programs of its backward: each sums its rows' d weight
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, OUT, RSTD, rows, per_program, sx, eps, DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Program p: rows p * per_program, ... of X (rows, DIM), row stride sx, one at a time:
+    rstd = 1 / sqrt(mean(x^2) + eps), OUT = x * rstd * W in float32, rounded once to OUT's
+    dtype (OUT contiguous). Each row's rstd goes to RSTD (float32) for the backward."""
+    features = tl.arange(0, BLOCK_D)
+    ok = features < DIM
+    w = tl.load(W + features, mask=ok, other=0.0).to(tl.float32)
+    first = tl.program_id(0).to(tl.int64) * per_program
+    for row in range(first, tl.minimum(first + per_program, rows)):
+        x = tl.load(X + row * sx + features, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 0) / DIM + eps)
+        tl.store(RSTD + row, rstd)
+        tl.store(OUT + row * DIM + features, (x * rstd * w).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(X, W, RSTD, D_OUT, D_X, D_W, rows, per_program, sx, s_dout,
+                              DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program p, over the same kind of row range: d x = rstd * (w d_out - x rstd^2
+    mean(d_out w x)) into D_X (contiguous, x's dtype), and this program's share of
+    d weight, the sum over its rows of d_out x rstd, into row p of D_W (programs, DIM),
+    float32: summed afterwards in a fixed order, so the result is deterministic."""
+    features = tl.arange(0, BLOCK_D)
+    ok = features < DIM
+    w = tl.load(W + features, mask=ok, other=0.0).to(tl.float32)
+    d_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    program = tl.program_id(0).to(tl.int64)
+    first = program * per_program
+    for row in range(first, tl.minimum(first + per_program, rows)):
+        x = tl.load(X + row * sx + features, mask=ok, other=0.0).to(tl.float32)
+        d_out = tl.load(D_OUT + row * s_dout + features, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        d_normed = d_out * w  # the gradient of x * rstd
+        mean_dot = tl.sum(d_normed * x, 0) / DIM
+        d_x = rstd * (d_normed - x * (rstd * rstd * mean_dot))
+        tl.store(D_X + row * DIM + features, d_x.to(D_X.dtype.element_ty), mask=ok)
+        d_w += d_out * (x * rstd)
+    tl.store(D_W + program * DIM + features, d_w, mask=ok)
+
+
+def _norm_launch(dim: int) -> dict:
+    """Launch options of the RMSNorm kernels: a whole row per block, more warps past 1024."""
+    return dict(DIM=dim, BLOCK_D=triton.next_power_of_2(dim), num_warps=4 if dim <= 1024 else 8)
+
+
+def _rows_of(t: Tensor) -> Tensor:
+    """t (..., dim) as a (rows, dim) matrix whose features are adjacent (stride 1)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        rows = _rows_of(x)  # (r, dim)
+        r, dim = rows.shape
+        out = torch.empty((r, dim), device=x.device, dtype=x.dtype)
+        rstd = torch.empty(r, device=x.device, dtype=torch.float32)
+        _rms_norm_kernel[(triton.cdiv(r, NORM_ROWS),)](
+            rows, weight, out, rstd, r, NORM_ROWS, rows.stride(0), eps, **_norm_launch(dim)
+        )
+        ctx.save_for_backward(rows, weight, rstd)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        rows, weight, rstd = ctx.saved_tensors
+        r, dim = rows.shape
+        d_out_rows = _rows_of(d_out)
+        per_program = max(NORM_ROWS, triton.cdiv(r, NORM_PARTIALS))
+        programs = triton.cdiv(r, per_program)
+        d_x = torch.empty((r, dim), device=rows.device, dtype=rows.dtype)
+        d_w = torch.empty((programs, dim), device=rows.device, dtype=torch.float32)
+        _rms_norm_backward_kernel[(programs,)](
+            rows, weight, rstd, d_out_rows, d_x, d_w, r, per_program, rows.stride(0),
+            d_out_rows.stride(0), **_norm_launch(dim),
+        )  # fmt: skip
+        return d_x.view(d_out.shape), d_w.sum(0).to(weight.dtype), None
+
+
+def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`RMSNorm` (`rms_norm` in float32, rounded once to x's dtype) in one pass each way:
+    x (..., dim), weight (dim,) -> (..., dim) contiguous, x's dtype.
+
+    Autograd keeps x and one float32 rstd per row, not float32 copies of x; the weight's
+    gradient is summed per program, then over programs, so it is deterministic.
+    """
+    require_runnable_kernels()
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty (..., dim) tensor, got shape {tuple(x.shape)}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(
+            f"weight must be 1-D of size x.shape[-1] = {x.shape[-1]}, got weight of shape "
+            f"{tuple(weight.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got eps={eps!r}")
+    require_kernel_device(x=x, weight=weight)
+    return _RMSNorm.apply(x, weight.contiguous(), float(eps))
