@@ -95,9 +95,10 @@ def breakdown(model: SparseAttention, x: torch.Tensor) -> dict[str, float]:
     the glue and the top-n both ways: eager PyTorch (the path before notebook 10's glue
     kernels, the chunks before the one-pass top-n) and the Triton kernels the layer uses."""
     steps: dict[str, Callable[[], object]] = {}
-    h = model.norm(x)
+    h = model.normalize(x, use_kernels=True)
     q, k, v = model.project_heads(h)
-    steps["norm + qkv"] = lambda: model.project_heads(model.norm(x))
+    steps["norm + qkv, eager"] = lambda: model.project_heads(model.normalize(x))
+    steps["norm + qkv, kernel"] = lambda: model.project_heads(model.normalize(x, True))
     ck, cv = model.compressed_tokens(k, v)
     steps["compression MLP"] = lambda: model.compressed_tokens(k, v)
     steps["compressed attention"] = lambda: model.kernel_compressed_attention(q, ck, cv)
