@@ -19,7 +19,8 @@ once, in the layout the next step wants:
   (b, h, n, d) branches -> (b, n, h * d), ready for `combine_heads`.
 
 All compute in float32 and round once, as the PyTorch functions do; the GPU path of
-`SparseAttention` calls them (notebook 10 measures what they save).
+`SparseAttention` calls them. Notebook 10 measures what the rotary and gated-sum kernels
+save; the RMSNorm pass and the one-load rotary have not been timed on a GPU yet.
 """
 
 from __future__ import annotations
