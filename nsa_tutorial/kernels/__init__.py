@@ -67,6 +67,12 @@ def require_kernel_device(**tensors: torch.Tensor | None) -> None:
         )
 
 
+def require_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    """Tensor `name` must be float32, float16 or bfloat16, the dtypes the kernels compute in."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
 def check_attention_tensors(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str],
     k_shape: tuple[str, ...],
@@ -79,8 +85,7 @@ def check_attention_tensors(
     for name, t in (("q", q), (k_name, k), (v_name, v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (b, h, n, d), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        require_kernel_dtype(name, t)
         if 0 in t.shape:
             raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if k.shape != v.shape:

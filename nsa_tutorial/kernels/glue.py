@@ -30,7 +30,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from nsa_tutorial.kernels import require_kernel_device, require_runnable_kernels
+from nsa_tutorial.kernels import (
+    require_kernel_device,
+    require_kernel_dtype,
+    require_runnable_kernels,
+)
 
 BLOCK_T = 32  # tokens per program; one program holds all d features of each token
 
@@ -322,8 +326,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     gradient is summed per program, then over programs, so it is deterministic.
     """
     require_runnable_kernels()
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    require_kernel_dtype("x", x)
     if x.ndim == 0 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty (..., dim) tensor, got shape {tuple(x.shape)}")
     if weight.shape != x.shape[-1:]:

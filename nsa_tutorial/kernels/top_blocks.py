@@ -28,7 +28,11 @@ from einops import einsum, rearrange
 from torch import Tensor
 
 from nsa_tutorial.importance import SINK_LOGIT
-from nsa_tutorial.kernels import require_kernel_device, require_runnable_kernels
+from nsa_tutorial.kernels import (
+    require_kernel_device,
+    require_kernel_dtype,
+    require_runnable_kernels,
+)
 from nsa_tutorial.kernels.importance import _block_map
 from nsa_tutorial.validation import require_bool, require_number, require_positive_int
 
@@ -197,8 +201,7 @@ def _check_inputs(
     for name, t in (("q", q), ("ck", ck)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (b, h, n, d), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        require_kernel_dtype(name, t)
     require_kernel_device(q=q, ck=ck)
     if (
         (q.shape[0], q.shape[-1]) != (ck.shape[0], ck.shape[-1])
