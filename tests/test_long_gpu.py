@@ -1,4 +1,4 @@
-"""The selection and compressed kernels past 2^31 elements (skipped without a GPU).
+"""The selection, compressed and rotary kernels past 2^31 elements (skipped without a GPU).
 
 At 256k tokens, 64 query heads of 128, q holds 2^31 elements: an offset into q, out, dO
 or dq computed in 32 bits wraps around late in the sequence, and the kernel reads or
@@ -77,3 +77,21 @@ def test_compressed_kernel_at_256k_tokens():
     wide = tail_leaves(q, ck, cv)
     expected, _ = compressed_reference(*wide, 1, STRIDE, True, first_query=N - TAIL)
     assert_tail_matches(out, (q, ck, cv), grad_out, expected, wide)
+
+
+def test_rotary_kernel_at_256k_tokens():
+    """q as the layer makes it, the heads of the qkv projection (token stride 64 * 128 +
+    2 * 4 * 128): its last tokens sit past 2^31 elements."""
+    from einops import rearrange
+
+    from nsa_tutorial.kernels.glue import rotary_triton
+    from nsa_tutorial.rotary import apply_rotary, rotary_frequencies
+
+    width = (HEADS + 2 * KV_HEADS) * DIM
+    g = torch.Generator(device="cuda").manual_seed(3)
+    projection = torch.randn(1, N, width, device="cuda", generator=g).bfloat16()
+    q = rearrange(projection[..., : HEADS * DIM], "b n (h d) -> b h n d", d=DIM)
+    freqs = rotary_frequencies(DIM).cuda()
+    rotated = rotary_triton(q, freqs)[:, :, -TAIL:]
+    expected = apply_rotary(q[:, :, -TAIL:].float(), freqs, N - TAIL)
+    assert relative_error(rotated, expected) < TOLERANCE

@@ -56,14 +56,16 @@ def _rotary_kernel(X, OUT, FREQS, H, n, offset, sx_b, sx_h, sx_n, SIGN: tl.const
     freqs = tl.load(FREQS + pairs, mask=pairs < D // 2, other=0.0)
     angle = (tokens + offset).to(tl.float32)[:, None] * freqs[None, :]  # (BLOCK_T, BLOCK_D/2)
     cos, sin = tl.cos(angle), SIGN * tl.sin(angle)
+    # head 0's tile; 64-bit token offsets (a q view at 256k tokens passes 2^31 elements)
+    src = X + b * sx_b + tokens[:, None].to(tl.int64) * sx_n + features[None, :]
     for h in range(H):
-        src = X + b * sx_b + h * sx_h + tokens[:, None] * sx_n + features[None, :]
         x = tl.load(src, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_D)
         even, odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_D // 2, 2)))  # (BLOCK_T, BLOCK_D/2)
         turned = tl.join(even * cos - odd * sin, odd * cos + even * sin)  # (.., BLOCK_D/2, 2)
         dst = OUT + ((b * H + h) * n + tokens[:, None]) * D + features[None, :]
         out = tl.reshape(turned, (BLOCK_T, BLOCK_D)).to(OUT.dtype.element_ty)
         tl.store(dst, out, mask=ok)
+        src += sx_h  # the next head
 
 
 def _rotate(x: Tensor, freqs: Tensor, offset: int, sign: int) -> Tensor:
