@@ -1,4 +1,4 @@
-"""How the selection kernel's new settings were chosen (issue 13): two rounds on an H200.
+"""How the selection kernel's new settings were chosen (issue 13): four rounds on an H200.
 
 Run from the repository root with the kernel before issue 13 saved as a file:
 
@@ -6,9 +6,10 @@ Run from the repository root with the kernel before issue 13 saved as a file:
     OUT=benchmarks python benchmarks/selection_tuning_gpu.py --round 1   # or --round 2
 
 writes $OUT/tune.json (committed as selection_tuning_round1_gpu.json,
-selection_tuning_round2_gpu.json and selection_tuning_round3_gpu.json; round 3 needs no
-earlier kernel). Issue 7's shape (64 query heads, 4 kv heads, d 128,
-blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier kernel.
+selection_tuning_round2_gpu.json, selection_tuning_round3_gpu.json and
+selection_tuning_round4_gpu.json; rounds 3 and 4 need no earlier kernel). Issue 7's
+shape (64 query heads, 4 kv heads, d 128, blocks of 64, 16 selected), bfloat16, do_bench
+medians; "today" is the earlier kernel.
 
 - Round 1 ran on a work-in-progress of the new kernel (its tile plan built by PyTorch
   sorts, each distinct block's number loaded from memory inside the loop): the tile
@@ -21,6 +22,9 @@ blocks of 64, 16 selected), bfloat16, do_bench medians; "today" is the earlier k
 - Round 3: WIDE_LAUNCH, the settings for heads 192 and 256 wide, at 32k on pattern (c).
   Its JSON's "launch" is the table the variants started from (the settings before
   WIDE_LAUNCH took the winners); run now, "table" is WIDE_LAUNCH itself.
+- Round 4: the private pass (SPLIT_PRIVATE) on and off, the tile kernels at 4 and 8
+  warps, at TILE_COST_LIMIT and with every tile shared, on each pattern at 64k (G = 16);
+  first, out and gradients with the pass against without it (relative errors).
 """
 
 import argparse
@@ -206,14 +210,47 @@ def wide_heads(res, n=32768):
     res["wide_heads"] = rows
 
 
+def private_pass(res, n=65536):
+    """Round 4: SPLIT_PRIVATE x tile warps x TILE_COST_LIMIT on each pattern, G = 16."""
+    q, k, v, idx, sel, go = inputs(2048, "local_shared", seed=3)
+    results = {}
+    for split in (False, True):
+        K.SPLIT_PRIVATE = split
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = K.selection_attention(*leaves, idx, sel, block_size=64)
+        results[split] = [out, *torch.autograd.grad(out, leaves, go)]
+    res["private_against_without"] = [
+        ((a.double() - b.double()).norm() / b.double().norm()).item()
+        for a, b in zip(results[True], results[False], strict=True)
+    ]  # out, dq, dk, dv
+    print(res, flush=True)
+    rows = []
+    base_f, base_q, chosen = K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT
+    for pattern in P.PATTERNS:
+        q, k, v, idx, sel, go = inputs(n, pattern)
+        for split in (False, True):
+            for warps in (4, 8):
+                for limit in (chosen, float("inf")):
+                    K.SPLIT_PRIVATE, K.TILE_COST_LIMIT = split, limit
+                    K.LAUNCH["tile_forward"] = dataclasses.replace(base_f, num_warps=warps)
+                    K.LAUNCH["tile_dq"] = dataclasses.replace(base_q, num_warps=warps)
+                    r = dict(pattern=pattern, split=split, warps=warps, limit=limit,
+                             fwd=fwd(K, q, k, v, idx, sel), fb=fwd_bwd(K, q, k, v, idx, sel, go))
+                    print(r, flush=True)
+                    rows.append(r)
+    K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT = base_f, base_q, chosen
+    K.SPLIT_PRIVATE = True
+    res["private_pass"] = rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--round", type=int, choices=(1, 2, 3), required=True)
+    parser.add_argument("--round", type=int, choices=(1, 2, 3, 4), required=True)
     args = parser.parse_args()
-    if args.round == 3:
-        res = {"launch": {name: dataclasses.asdict(launch)
-                          for name, launch in K.WIDE_LAUNCH.items()}}  # fmt: skip
-        wide_heads(res)
+    if args.round >= 3:
+        table = K.WIDE_LAUNCH if args.round == 3 else K.LAUNCH
+        res = {"launch": {name: dataclasses.asdict(launch) for name, launch in table.items()}}
+        (wide_heads if args.round == 3 else private_pass)(res)
         with open(f"{OUT}/tune.json", "w") as f:
             json.dump(res, f, indent=1)
         return

@@ -194,6 +194,41 @@ def test_plan_tiles_merges_each_tiles_blocks_and_picks_its_kernel():
     assert plan.shared.tolist() == [[1, 0, 0]]
 
 
+def test_plan_tiles_keeps_each_tokens_private_blocks_apart():
+    """With split, a block only one token of its tile reads leaves the tile's list: step i
+    holds each token's i-th such block, and the work counts steps, not private blocks."""
+    indices = torch.tensor([[[[4, 1], [1, 4], [0, 2], [3, 5], [0, 6]]]])
+    selected = indices >= 0
+    selected[0, 0, 4, 0] = False
+    indices, selected = indices.to(DEVICE), selected.to(DEVICE)
+    plan = kernels.plan_tiles(indices, selected, block_size=1, causal=False, tokens=2,
+                              rows=2, block_g=1, limit=1.0, split=True)  # fmt: skip
+    assert plan.counts.tolist() == [[2, 0, 0]]
+    assert sorted(plan.union[0, 0, :2].tolist()) == [1, 4]
+    assert plan.steps.tolist() == [[0, 2, 1]]
+    # [tile][step][token]: tile 1's tokens read 0, 2 and 3, 5; tile 2's one token reads 6
+    assert plan.private[0].tolist() == [[[-1, -1], [-1, -1]], [[0, 3], [2, 5]],
+                                        [[6, -1], [-1, -1]]]  # fmt: skip
+    # shared where (distinct + steps) x rows <= limit x read slots x block_g: 4 <= 4, 4 <= 4, 2 > 1
+    assert plan.shared.tolist() == [[1, 1, 0]]
+
+
+def test_private_pass_with_groups_not_a_power_of_two(path):
+    """G = 12: each token's rows are padded to 16 in the private pass's batched dots."""
+    q, k, v, indices, selected, gates = random_problem(
+        1, 1, 12, 40, 16, 8, 3, True, torch.float32, seed=13
+    )
+    inputs = [t.requires_grad_() for t in (q, k, v, gates)]
+    out = selection_attention(q, k, v, indices, selected, block_size=8, gates=gates)
+    expected = reference(q, k, v, indices, selected, 8, True, gates)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out.double())
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(actual, wanted, atol=2e-5, rtol=1e-4)
+
+
 def test_chunk_readers_splits_only_heavy_blocks():
     offsets = torch.tensor([0, 9, 9, 12, 20], dtype=torch.int32, device=DEVICE)  # read 9, 0, 3, 8
     chunks = kernels.chunk_readers(offsets, chunk=4)

@@ -89,6 +89,9 @@ WIDE_LAUNCH: dict[Kernel, Launch] = {
 # A tile takes the shared-tile kernels when their work (distinct blocks x the tile's rows)
 # is at most TILE_COST_LIMIT times the per-token walk's (read blocks x BLOCK_G rows each).
 TILE_COST_LIMIT = 2.5
+# A shared tile of several tokens, each with at least 16 rows (G > 8), takes the blocks
+# only one of its tokens reads in a batched private pass (see `plan_tiles`).
+SPLIT_PRIVATE = True
 
 
 def launch_settings(kernel: Kernel, dim: int) -> Launch:
@@ -124,35 +127,47 @@ def _key_block(K_HEAD, V_HEAD, stride_kn, block, end, block_size, D: tl.constexp
 
 
 @triton.jit
-def _softmax_step(q, k, v, visible, log2_scale, m, total, acc, PRECISION: tl.constexpr):
-    """One key block of an online softmax: rows q (R, D) against k, v (BLOCK_K, D).
+def _by_key(k):
+    """Keys (..., BLOCK_K, D) as (..., D, BLOCK_K), for logits q @ k^T of rows (R, D) or of
+    (token, head) rows batched by token (TOKENS, G_PAD, D)."""
+    if len(k.shape) == 3:
+        return tl.trans(k, (0, 2, 1))
+    return tl.trans(k)
 
-    `visible` (R or 1, BLOCK_K) says which keys each row sees. Logits are in log2 units
-    (log2_scale = scale * log2 e, times the gate; a scalar or (R, 1)); m is the running
-    max, total the running sum and acc the running numerator; rows that saw nothing keep
-    m = -inf.
+
+@triton.jit
+def _softmax_step(q, k, v, visible, log2_scale, m, total, acc, PRECISION: tl.constexpr):
+    """One key block of an online softmax: rows q (R, D) against k, v (BLOCK_K, D), or
+    rows batched by token q (T, R, D) each against its own block k, v (T, BLOCK_K, D).
+
+    `visible` (R or 1, BLOCK_K; batched: T, R or 1, BLOCK_K) says which keys each row
+    sees. Logits are in log2 units (log2_scale = scale * log2 e, times the gate; a scalar
+    or one per row, keys axis kept as 1); m is the running max, total the running sum and
+    acc the running numerator; rows that saw nothing keep m = -inf.
     """
-    s = _dot(q, tl.trans(k), PRECISION) * log2_scale  # (R, BLOCK_K)
+    keys: tl.constexpr = len(q.shape) - 1  # the axis of keys in the logits
+    s = _dot(q, _by_key(k), PRECISION) * log2_scale  # (R, BLOCK_K) or (T, R, BLOCK_K)
     s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
+    m_new = tl.maximum(m, tl.max(s, keys))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s - tl.expand_dims(m_safe, keys))
     alpha = tl.exp2(m - m_safe)
-    total = total * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    total = total * alpha + tl.sum(p, keys)
+    acc = acc * tl.expand_dims(alpha, keys) + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, total, acc
 
 
 @triton.jit
 def _gradient_step(q, do, lse, delta, k, v, visible, log2_scale, PRECISION: tl.constexpr):
-    """Rows (R, D) against one key block: dL/dlogit ds (R, BLOCK_K) and the raw dot
-    products qk (the gates' gradient needs them); `visible` and `log2_scale` as in
-    `_softmax_step`."""
-    qk = _dot(q, tl.trans(k), PRECISION)
-    p = tl.exp2(qk * log2_scale - lse[:, None])
+    """Rows (R, D), or rows batched by token (T, R, D), against one key block each:
+    dL/dlogit ds (R, BLOCK_K; batched T, R, BLOCK_K) and the raw dot products qk (the
+    gates' gradient needs them); `visible` and `log2_scale` as in `_softmax_step`."""
+    keys: tl.constexpr = len(q.shape) - 1
+    qk = _dot(q, _by_key(k), PRECISION)
+    p = tl.exp2(qk * log2_scale - tl.expand_dims(lse, keys))
     p = tl.where(visible, p, 0.0)
-    dp = _dot(do, tl.trans(v), PRECISION)
-    ds = p * (dp - delta[:, None])
+    dp = _dot(do, _by_key(v), PRECISION)
+    ds = p * (dp - tl.expand_dims(delta, keys))
     return ds, qk
 
 
@@ -385,6 +400,106 @@ def _own_blocks(plan_tile, n, block_size, TOKENS: tl.constexpr):
 
 
 @triton.jit
+def _token_slots(CODES, GATES, bh, plan_tile, n, num_slots, TOKENS: tl.constexpr,
+                 S_PAD: tl.constexpr, HAS_GATES: tl.constexpr):
+    """The tile's tokens' codes and gates, one row per token (TOKENS, S_PAD); gates 0.0
+    without gates."""
+    tokens = plan_tile * TOKENS + tl.arange(0, TOKENS)
+    slots = tl.arange(0, S_PAD)
+    offsets = (bh * n + tokens)[:, None] * num_slots + slots[None, :]
+    ok = (tokens < n)[:, None] & (slots < num_slots)[None, :]
+    codes = tl.load(CODES + offsets, mask=ok, other=-1)
+    gates = 0.0
+    if HAS_GATES:
+        gates = tl.load(GATES + offsets, mask=ok, other=0.0).to(tl.float32)
+    return codes, gates
+
+
+@triton.jit
+def _private_step(K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size,
+                  token_codes, token_gates, D: tl.constexpr, TOKENS: tl.constexpr,
+                  S_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_GATES: tl.constexpr):
+    """Step i of the private pass: each token's i-th private block, k and v (TOKENS,
+    BLOCK_K, BLOCK_D), which keys are real (TOKENS, 1, BLOCK_K; none for a token with
+    fewer private blocks), which of the token's slots picked it (TOKENS, S_PAD), and the
+    token's gate on it (TOKENS, 1, 1; 1.0 without gates)."""
+    code = tl.load(PRIVATE + (plan * S_PAD + i) * TOKENS + tl.arange(0, TOKENS))  # (TOKENS,)
+    block = tl.where(code >= 0, code % num_blocks, 0)
+    in_block = tl.arange(0, BLOCK_K)
+    keys = block[:, None] * block_size + in_block[None, :]  # (TOKENS, BLOCK_K)
+    key_ok = (code >= 0)[:, None] & (in_block < block_size)[None, :] & (keys < n)
+    dims = tl.arange(0, BLOCK_D)
+    offsets = keys[:, :, None].to(tl.int64) * stride_kn + dims[None, None, :]
+    ok = key_ok[:, :, None] & (dims < D)[None, None, :]
+    k = tl.load(K_HEAD + offsets, mask=ok, other=0.0)
+    v = tl.load(V_HEAD + offsets, mask=ok, other=0.0)
+    picked = (token_codes == code[:, None]) & (code >= 0)[:, None]
+    gate = 1.0
+    if HAS_GATES:
+        gate = tl.sum(tl.where(picked, token_gates, 0.0), 1)[:, None, None]
+    return k, v, key_ok[:, None, :], picked, gate
+
+
+@triton.jit
+def _private_forward(
+    q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, bh, stride_kn, n, num_slots,
+    num_blocks, num_tiles, block_size, log2_scale, D: tl.constexpr, S_PAD: tl.constexpr,
+    TOKENS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GATES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The online softmax of the tile's rows (m, total, acc) over each token's private
+    blocks, the ones no other token of the tile reads: step i takes every token's i-th in
+    one batched dot, G_PAD rows (the token's heads) against the token's own block, where
+    the shared list would have run all the tile's rows against each."""
+    token_codes, token_gates = _token_slots(CODES, GATES, bh, plan % num_tiles, n, num_slots,
+                                            TOKENS, S_PAD, HAS_GATES)
+    q = tl.reshape(q, (TOKENS, G_PAD, BLOCK_D))
+    m = tl.full([TOKENS, G_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([TOKENS, G_PAD], tl.float32)
+    acc = tl.zeros([TOKENS, G_PAD, BLOCK_D], tl.float32)
+    for i in range(tl.load(STEPS + plan)):
+        k, v, key_ok, _, gate = _private_step(
+            K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size, token_codes,
+            token_gates, D, TOKENS, S_PAD, BLOCK_K, BLOCK_D, HAS_GATES,
+        )  # fmt: skip
+        m, total, acc = _softmax_step(q, k, v, key_ok, log2_scale * gate, m, total, acc, PRECISION)
+    rows: tl.constexpr = TOKENS * G_PAD
+    return tl.reshape(m, (rows,)), tl.reshape(total, (rows,)), tl.reshape(acc, (rows, BLOCK_D))
+
+
+@triton.jit
+def _private_dq(
+    q, do, lse, delta, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, bh, stride_kn, n,
+    num_slots, num_blocks, num_tiles, block_size, log2_scale,
+    D: tl.constexpr, S_PAD: tl.constexpr, TOKENS: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dq of the tile's rows (ROWS, BLOCK_D) from each token's private blocks, batched as
+    in `_private_forward`, and d gate of those slots (TOKENS, S_PAD), summed over each
+    token's heads (without the softmax scale)."""
+    token_codes, token_gates = _token_slots(CODES, GATES, bh, plan % num_tiles, n, num_slots,
+                                            TOKENS, S_PAD, HAS_GATES)
+    q = tl.reshape(q, (TOKENS, G_PAD, BLOCK_D))
+    do = tl.reshape(do, (TOKENS, G_PAD, BLOCK_D))
+    lse = tl.reshape(lse, (TOKENS, G_PAD))
+    delta = tl.reshape(delta, (TOKENS, G_PAD))
+    dq = tl.zeros([TOKENS, G_PAD, BLOCK_D], tl.float32)
+    dgates = tl.zeros([TOKENS, S_PAD], tl.float32)
+    for i in range(tl.load(STEPS + plan)):
+        k, v, key_ok, picked, gate = _private_step(
+            K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size, token_codes,
+            token_gates, D, TOKENS, S_PAD, BLOCK_K, BLOCK_D, HAS_GATES,
+        )  # fmt: skip
+        ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale * gate, PRECISION)
+        dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
+        if HAS_GATES:
+            dgates += tl.where(picked, tl.sum(tl.sum(ds * qk, 2), 1)[:, None], 0.0)
+    return tl.reshape(dq, (TOKENS * G_PAD, BLOCK_D)), dgates
+
+
+@triton.jit
 def _diagonal_visible(j, tokens, row_ok, key_ok, block_size, BLOCK_K: tl.constexpr):
     """(ROWS, BLOCK_K): the rows whose own block is j, each up to its own token."""
     keys = j * block_size + tl.arange(0, BLOCK_K)
@@ -394,16 +509,17 @@ def _diagonal_visible(j, tokens, row_ok, key_ok, block_size, BLOCK_K: tl.constex
 
 @triton.jit
 def _tile_forward_kernel(
-    Q, K, V, CODES, GATES, UNION, COUNTS, SHARED, OUT, LSE,
+    Q, K, V, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, STEPS, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, log2_scale,
     G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, TOKENS: tl.constexpr,
     G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (query tile i, batch b * kv head h): out and log2-sum-exp of its rows, each
-    distinct block of the tile loaded once."""
+    distinct block of the tile loaded once (with SPLIT, the private ones first)."""
     (elsewhere, plan, tokens, row_ok, tile, tile_ok, rows, slot_offsets, slot_ok, codes,
      K_HEAD, V_HEAD) = _tile_program(
         K, V, CODES, SHARED, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, n,
@@ -414,9 +530,16 @@ def _tile_forward_kernel(
     q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (ROWS, D)
     gates, union, places = _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS, S_PAD,
                                        HAS_GATES)
-    m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([TOKENS * G_PAD], tl.float32)
-    acc = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
+    if SPLIT:
+        m, total, acc = _private_forward(
+            q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, plan // num_tiles, stride_kn,
+            n, num_slots, num_blocks, num_tiles, block_size, log2_scale, D, S_PAD, TOKENS, G_PAD,
+            BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+        )  # fmt: skip
+    else:
+        m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([TOKENS * G_PAD], tl.float32)
+        acc = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
     for u in range(tl.load(COUNTS + plan)):
         block, _, sees, gate = _union_block(union, places, u, num_blocks, codes, gates,
                                             HAS_GATES)
@@ -438,16 +561,19 @@ def _tile_forward_kernel(
 
 @triton.jit
 def _tile_dq_kernel(
-    Q, K, V, OUT, DO, LSE, CODES, GATES, UNION, COUNTS, SHARED, DQ, DGATES, DELTA,
+    Q, K, V, OUT, DO, LSE, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, STEPS, DQ, DGATES,
+    DELTA,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, sm_scale, log2_scale,
     G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, TOKENS: tl.constexpr,
     G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_GATES: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Program (query tile i, batch b * kv head h): dq of its rows, d gate of its tokens'
-    slots (summed over each token's G heads) and delta, each distinct block loaded once."""
+    slots (summed over each token's G heads) and delta, each distinct block loaded once
+    (with SPLIT, the private ones first)."""
     (elsewhere, plan, tokens, row_ok, tile, tile_ok, rows, slot_offsets, slot_ok, codes,
      K_HEAD, V_HEAD) = _tile_program(
         K, V, CODES, SHARED, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, n,
@@ -463,7 +589,15 @@ def _tile_dq_kernel(
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     gates, union, places = _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS, S_PAD,
                                        HAS_GATES)
-    dq = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
+    if SPLIT:  # dq so far, d gates per token and slot (TOKENS, S_PAD)
+        dq, token_dgates = _private_dq(
+            q, do, lse, delta, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan,
+            plan // num_tiles, stride_kn, n, num_slots, num_blocks, num_tiles, block_size,
+            log2_scale, D, S_PAD, TOKENS, G_PAD, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+        )  # fmt: skip
+    else:
+        dq = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
+        token_dgates = tl.zeros([TOKENS, S_PAD], tl.float32)
     dgates = tl.zeros([TOKENS * G_PAD, S_PAD], tl.float32)  # per row and slot
     for u in range(tl.load(COUNTS + plan)):
         block, picked, sees, gate = _union_block(union, places, u, num_blocks, codes, gates,
@@ -485,7 +619,8 @@ def _tile_dq_kernel(
             dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(DQ + tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
     if HAS_GATES:  # each token's G rows summed: (TOKENS, S_PAD)
-        per_token = tl.sum(tl.reshape(dgates, (TOKENS, G_PAD, S_PAD)), 1) * sm_scale
+        per_row = tl.sum(tl.reshape(dgates, (TOKENS, G_PAD, S_PAD)), 1)
+        per_token = (per_row + token_dgates) * sm_scale
         own = (plan % num_tiles) * TOKENS + tl.arange(0, TOKENS)
         slots = tl.arange(0, S_PAD)
         offsets = ((plan // num_tiles) * n + own)[:, None] * num_slots + slots[None, :]
@@ -630,13 +765,24 @@ def _sum_partials_kernel(
 
 
 @triton.jit
+def _private_slots(codes, TOKENS: tl.constexpr, S_PAD: tl.constexpr):
+    """(TOKENS, S_PAD): the read slots whose code no other token of the tile reads."""
+    flat = tl.reshape(codes, (TOKENS * S_PAD,))
+    token = tl.arange(0, TOKENS * S_PAD) // S_PAD
+    elsewhere = (flat[:, None] == flat[None, :]) & (token[:, None] != token[None, :])
+    alone = (flat >= 0) & (tl.max(elsewhere.to(tl.int32), 1) == 0)
+    return tl.reshape(alone, (TOKENS, S_PAD))
+
+
+@triton.jit
 def _plan_kernel(
-    INDICES, SELECTED, CODES, UNION, COUNTS, SHARED, n, num_slots, num_blocks, num_tiles,
-    block_size, shared_ratio,
-    TOKENS: tl.constexpr, S_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    INDICES, SELECTED, CODES, UNION, COUNTS, SHARED, PRIVATE, STEPS, n, num_slots, num_blocks,
+    num_tiles, block_size, shared_ratio,
+    TOKENS: tl.constexpr, S_PAD: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Program (query tile i, batch b * head h): the codes of its tokens' slots, its
-    distinct codes, and which forward kernel takes it (see `plan_tiles`)."""
+    distinct codes (with SPLIT: those read by two tokens or more, and each token's
+    private ones apart), and which forward kernel takes it (see `plan_tiles`)."""
     i = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     tokens = i * TOKENS + tl.arange(0, TOKENS)
@@ -652,18 +798,30 @@ def _plan_kernel(
     same = same & (slots[None, None, :] < slots[None, :, None])
     codes = tl.where(read, blocks + num_blocks * tl.sum(same.to(tl.int32), 2), -1)
     tl.store(CODES + offsets, codes, mask=ok)
+    reads = tl.sum(tl.sum(read.to(tl.int32), 1), 0)
+
+    plan = bh * num_tiles + i
+    if SPLIT:  # private[plan, step, token]: the token's step-th private code (filled with -1)
+        private = _private_slots(codes, TOKENS, S_PAD)
+        per_token = tl.sum(private.to(tl.int32), 1)  # (TOKENS,)
+        step = tl.cumsum(private.to(tl.int32), 1) - 1
+        column = tl.arange(0, TOKENS)[:, None]
+        tl.store(PRIVATE + (plan * S_PAD + step) * TOKENS + column, codes, mask=private)
+        steps = tl.max(per_token, 0)
+        codes = tl.where(private, -1, codes)  # the rest make the tile's shared list
+    else:
+        steps = 0
+    tl.store(STEPS + plan, steps)
 
     flat = tl.sort(tl.reshape(codes, (TOKENS * S_PAD,)))  # unread slots (-1) first
     position = tl.arange(0, TOKENS * S_PAD)
     before = tl.gather(flat, tl.maximum(position - 1, 0), 0)
     first = (flat >= 0) & ((position == 0) | (flat != before))
-    plan = bh * num_tiles + i
     place = tl.cumsum(first.to(tl.int32), 0) - 1
     tl.store(UNION + plan * TOKENS * S_PAD + place, flat, mask=first)
     count = tl.sum(first.to(tl.int32), 0)
     tl.store(COUNTS + plan, count)
-    reads = tl.sum((flat >= 0).to(tl.int32), 0)
-    tl.store(SHARED + plan, (count <= shared_ratio * reads).to(tl.uint8))
+    tl.store(SHARED + plan, (count + steps <= shared_ratio * reads).to(tl.uint8))
 
 
 @dataclass(frozen=True)
@@ -673,43 +831,59 @@ class TilePlan:
     codes (b, h, n, s) int32: each slot's code, its block + num_blocks * how many earlier
     slots of the token read the same block, NO_BLOCK where not read (a block a token
     lists twice counts twice, as in the PyTorch path: the codes keep the two apart);
-    union (b * h, tiles, TOKENS * S_PAD) int32: each tile's distinct codes first;
-    counts (b * h, tiles) int32: how many; shared (b * h, tiles) uint8: 1 where the tile
-    goes to the shared-tile kernels, 0 where each token walks its own blocks.
+    union (b * h, tiles, TOKENS * S_PAD) int32: each tile's distinct codes first (with
+    split, only those that two tokens or more read); counts (b * h, tiles) int32: how
+    many; shared (b * h, tiles) uint8: 1 where the tile goes to the shared-tile kernels,
+    0 where each token walks its own blocks.
+
+    With split, each token's private codes (read by no other token of its tile) are
+    apart: private (b * h, tiles, S_PAD, TOKENS) int32, [tile, i, token] the token's
+    i-th private code or NO_BLOCK; steps (b * h, tiles) int32: the most any token has.
+    Without, steps are 0 and private is one NO_BLOCK that no kernel reads.
     """
 
     codes: Tensor
-
     union: Tensor
     counts: Tensor
     shared: Tensor
+    private: Tensor
+    steps: Tensor
     tokens: int  # tokens per tile
+    split: bool
 
 
 def plan_tiles(
     indices: Tensor, selected: Tensor, *, block_size: int, causal: bool, tokens: int,
-    rows: int, block_g: int, limit: float,
+    rows: int, block_g: int, limit: float, split: bool = False,
 ) -> TilePlan:  # fmt: skip
     """What the forward and dq kernels are given, in one pass over the selection.
 
     Each tile of `tokens` queries merges its tokens' read blocks (the slots that are
-    selected and, with causal, before the own block) into one list of distinct codes,
-    and goes to the shared-tile kernels where their work, (distinct blocks) x `rows`, is
-    at most `limit` times the per-token walk's, (read slots) x `block_g` rows.
+    selected and, with causal, before the own block) into one list of distinct codes.
+    With `split`, a code only one token of the tile reads is left out of that list and
+    kept as the token's private code: the tile kernels take the i-th private code of
+    every token in one batched step (step i), with only that token's rows.
+
+    A tile goes to the shared-tile kernels where their work, (distinct blocks + steps)
+    x `rows`, is at most `limit` times the per-token walk's, (read slots) x `block_g`.
     """
     b, h, n, s = indices.shape
     num_tiles = triton.cdiv(n, tokens)
     s_pad = _slots_padded(indices)
-    codes = torch.empty(b, h, n, s, dtype=torch.int32, device=indices.device)
-    union = torch.empty(b * h, num_tiles, tokens * s_pad, dtype=torch.int32, device=indices.device)
-    counts = torch.empty(b * h, num_tiles, dtype=torch.int32, device=indices.device)
-    shared = torch.empty(b * h, num_tiles, dtype=torch.uint8, device=indices.device)
+    device = indices.device
+    codes = torch.empty(b, h, n, s, dtype=torch.int32, device=device)
+    union = torch.empty(b * h, num_tiles, tokens * s_pad, dtype=torch.int32, device=device)
+    counts = torch.empty(b * h, num_tiles, dtype=torch.int32, device=device)
+    shared = torch.empty(b * h, num_tiles, dtype=torch.uint8, device=device)
+    private_shape = (b * h, num_tiles, s_pad, tokens) if split else (1, 1, 1, 1)
+    private = torch.full(private_shape, NO_BLOCK, dtype=torch.int32, device=device)
+    steps = torch.empty(b * h, num_tiles, dtype=torch.int32, device=device)
     _plan_kernel[(num_tiles, b * h)](
-        indices, selected.view(torch.uint8), codes, union, counts, shared, n, s,
+        indices, selected.view(torch.uint8), codes, union, counts, shared, private, steps, n, s,
         math.ceil(n / block_size), num_tiles, block_size, limit * block_g / rows,
-        TOKENS=tokens, S_PAD=s_pad, CAUSAL=causal,
+        TOKENS=tokens, S_PAD=s_pad, CAUSAL=causal, SPLIT=split,
     )  # fmt: skip
-    return TilePlan(codes, union, counts, shared, tokens)
+    return TilePlan(codes, union, counts, shared, private, steps, tokens, split)
 
 
 def invert_selection(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
@@ -828,8 +1002,9 @@ def _forward(q, k, v, plan, gates, block_size, causal, scale):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     grid = (plan.counts.shape[1], plan.counts.shape[0])
     _tile_forward_kernel[grid](
-        q, k, v, plan.codes, gates, plan.union, plan.counts, plan.shared, out, lse, *strides,
-        *sizes, scale * LOG2_E, **shared, **_launch("tile_forward", d),
+        q, k, v, plan.codes, gates, plan.union, plan.counts, plan.shared, plan.private,
+        plan.steps, out, lse, *strides, *sizes, scale * LOG2_E, **shared, SPLIT=plan.split,
+        **_launch("tile_forward", d),
     )
     _forward_kernel[(n, plan.counts.shape[0])](
         q, k, v, plan.codes, gates, plan.shared, out, lse, *strides, *sizes, scale * LOG2_E,
@@ -849,9 +1024,9 @@ def _backward_dq(q, k, v, out, do, lse, plan, gates, block_size, causal, scale):
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     grid = (plan.counts.shape[1], plan.counts.shape[0])
     _tile_dq_kernel[grid](
-        q, k, v, out, do, lse, plan.codes, gates, plan.union, plan.counts, plan.shared, dq,
-        dgates_arg, delta, *strides, *sizes, scale, scale * LOG2_E, **shared,
-        **_launch("tile_dq", d),
+        q, k, v, out, do, lse, plan.codes, gates, plan.union, plan.counts, plan.shared,
+        plan.private, plan.steps, dq, dgates_arg, delta, *strides, *sizes, scale, scale * LOG2_E,
+        **shared, SPLIT=plan.split, **_launch("tile_dq", d),
     )
     _backward_dq_kernel[(n, plan.counts.shape[0])](
         q, k, v, out, do, lse, plan.codes, gates, plan.shared, dq, dgates_arg, delta, *strides,
@@ -905,12 +1080,15 @@ def _backward(do, q, k, v, out, lse, plan, gates, block_size, causal, scale):
 def make_plan(indices: Tensor, selected: Tensor, group: int, block_size: int, dim: int,
               causal: bool) -> TilePlan:
     """`plan_tiles` with the tile_forward launch's tiles for G = `group` query heads per
-    selection, heads `dim` wide, and the cost limit TILE_COST_LIMIT."""
+    selection, heads `dim` wide, and the cost limit TILE_COST_LIMIT; private blocks apart
+    (SPLIT_PRIVATE) where a tile has several tokens of at least 16 rows each (tl.dot's
+    least)."""
     tokens = tile_tokens(group, dim)
+    group_rows = triton.next_power_of_2(group)
     return plan_tiles(
         indices, selected, block_size=block_size, causal=causal, tokens=tokens,
-        rows=tokens * triton.next_power_of_2(group),
-        block_g=_tile_sizes(block_size, group, dim)["BLOCK_G"], limit=TILE_COST_LIMIT,
+        rows=tokens * group_rows, block_g=_tile_sizes(block_size, group, dim)["BLOCK_G"],
+        limit=TILE_COST_LIMIT, split=SPLIT_PRIVATE and tokens > 1 and group_rows >= 16,
     )  # fmt: skip
 
 
@@ -923,16 +1101,16 @@ class SelectionAttention(torch.autograd.Function):
                          causal)
         out, lse = _forward(q, k, v, plan, gates, block_size, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, gates, plan.codes, plan.union, plan.counts,
-                              plan.shared)
-        ctx.settings = (plan.tokens, block_size, causal, scale)
+                              plan.shared, plan.private, plan.steps)
+        ctx.settings = (plan.tokens, plan.split, block_size, causal, scale)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, gates, *plan = ctx.saved_tensors
-        tokens, *settings = ctx.settings
+        tokens, split, *settings = ctx.settings
         dq, dk, dv, dgates = _backward(do.contiguous(), q, k, v, out, lse,
-                                       TilePlan(*plan, tokens), gates, *settings)
+                                       TilePlan(*plan, tokens, split), gates, *settings)
         dgates = None if dgates is None else dgates.to(gates.dtype)
         return dq, dk, dv, None, None, dgates, None, None, None
 
