@@ -213,7 +213,7 @@ def wide_heads(res, n=32768):
 def private_pass(res, n=65536):
     """Round 4: SPLIT_PRIVATE x tile warps x TILE_COST_LIMIT on each pattern, G = 16."""
     q, k, v, idx, sel, go = inputs(2048, "local_shared", seed=3)
-    results = {}
+    results, split_chosen = {}, K.SPLIT_PRIVATE
     for split in (False, True):
         K.SPLIT_PRIVATE = split
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -239,7 +239,7 @@ def private_pass(res, n=65536):
                     print(r, flush=True)
                     rows.append(r)
     K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT = base_f, base_q, chosen
-    K.SPLIT_PRIVATE = True
+    K.SPLIT_PRIVATE = split_chosen
     res["private_pass"] = rows
 
 

@@ -16,9 +16,10 @@ from nsa_tutorial.fine_attention import fine_attention_gathered
 # nsa_tutorial.kernels decides on the interpreter before Triton is imported (macOS: skip)
 kernels = pytest.importorskip("nsa_tutorial.kernels.selection")
 invert_selection, selection_attention = kernels.invert_selection, kernels.selection_attention
-# how the forward and dq kernels take each query tile: all by the shared-tile kernels, or
-# all by the per-token walk; with "tiles", the dk, dv kernel also cuts each key block's
-# readers into chunks of 4 (so most blocks are split and summed afterwards)
+# how the forward and dq kernels take each query tile: all by the shared-tile kernels
+# (with the private pass, SPLIT_PRIVATE, where G > 8), or all by the per-token walk; with
+# "tiles", the dk, dv kernel also cuts each key block's readers into chunks of 4 (so most
+# blocks are split and summed afterwards)
 PATHS = {"tiles": float("inf"), "walk": -1.0}
 
 
@@ -27,6 +28,7 @@ def path(request, monkeypatch):
     """Run the test with every tile on one path (see PATHS)."""
     monkeypatch.setattr(kernels, "TILE_COST_LIMIT", PATHS[request.param])
     if request.param == "tiles":
+        monkeypatch.setattr(kernels, "SPLIT_PRIVATE", True)
         for table in (kernels.LAUNCH, kernels.WIDE_LAUNCH):
             monkeypatch.setitem(table, "dkv", replace(table["dkv"], chunk=4))
     return request.param
@@ -195,8 +197,8 @@ def test_plan_tiles_merges_each_tiles_blocks_and_picks_its_kernel():
 
 
 def test_plan_tiles_keeps_each_tokens_private_blocks_apart():
-    """With split, a block only one token of its tile reads leaves the tile's list: step i
-    holds each token's i-th such block, and the work counts steps, not private blocks."""
+    """With split, a block only one token of its tile reads leaves the tile's list and is
+    marked private; the work counts each at one token's rows (rows / tokens)."""
     indices = torch.tensor([[[[4, 1], [1, 4], [0, 2], [3, 5], [0, 6]]]])
     selected = indices >= 0
     selected[0, 0, 4, 0] = False
@@ -205,12 +207,11 @@ def test_plan_tiles_keeps_each_tokens_private_blocks_apart():
                               rows=2, block_g=1, limit=1.0, split=True)  # fmt: skip
     assert plan.counts.tolist() == [[2, 0, 0]]
     assert sorted(plan.union[0, 0, :2].tolist()) == [1, 4]
-    assert plan.steps.tolist() == [[0, 2, 1]]
-    # [tile][step][token]: tile 1's tokens read 0, 2 and 3, 5; tile 2's one token reads 6
-    assert plan.private[0].tolist() == [[[-1, -1], [-1, -1]], [[0, 3], [2, 5]],
-                                        [[6, -1], [-1, -1]]]  # fmt: skip
-    # shared where (distinct + steps) x rows <= limit x read slots x block_g: 4 <= 4, 4 <= 4, 2 > 1
-    assert plan.shared.tolist() == [[1, 1, 0]]
+    # tile 1's tokens read 0, 2 and 3, 5; tile 2's one token reads 6 (slot 0 not selected)
+    assert plan.private.tolist() == [[[[0, 0], [0, 0], [1, 1], [1, 1], [0, 1]]]]
+    # shared where (distinct + private / tokens) x rows <= limit x read slots x block_g:
+    # 4 <= 4, (0 + 4 / 2) x 2 <= 4, (0 + 1 / 2) x 2 <= 1 (at all the tile's rows, 2 > 1)
+    assert plan.shared.tolist() == [[1, 1, 1]]
 
 
 def test_private_pass_with_groups_not_a_power_of_two(path):

@@ -4,7 +4,8 @@ Forward, two kernels that split the work by query tile (TOKENS consecutive token
 kv head; notebook 09):
 - shared tiles: where the tile's tokens pick mostly the same blocks, one program holds
   the tile's rows (token, head) and loads each distinct block once for all of them; a
-  row is masked out of a block its token did not pick, so the result is exact;
+  row is masked out of a block its token did not pick, so the result is exact (with
+  SPLIT_PRIVATE, a block only one token picked runs on that token's rows alone);
 - other tiles: one program per (token, kv head) holds the G query heads of that GQA
   group and walks the token's own blocks (the paper's group-centric layout).
 Both keep an online softmax over the blocks. `plan_tiles` decides, per tile, which
@@ -89,9 +90,11 @@ WIDE_LAUNCH: dict[Kernel, Launch] = {
 # A tile takes the shared-tile kernels when their work (distinct blocks x the tile's rows)
 # is at most TILE_COST_LIMIT times the per-token walk's (read blocks x BLOCK_G rows each).
 TILE_COST_LIMIT = 2.5
-# A shared tile of several tokens, each with at least 16 rows (G > 8), takes the blocks
-# only one of its tokens reads in a batched private pass (see `plan_tiles`).
-SPLIT_PRIVATE = True
+# With SPLIT_PRIVATE, a shared tile of several tokens, each with at least 16 rows (G > 8),
+# runs the blocks only one of its tokens reads on that token's rows alone (the private
+# pass, see `plan_tiles`). Off until timed on a GPU (selection_tuning_gpu.py --round 4):
+# compiled for sm_90, the tile kernels spill more with it (tests/compiled_kernels.py).
+SPLIT_PRIVATE = False
 
 
 def launch_settings(kernel: Kernel, dim: int) -> Launch:
@@ -127,47 +130,35 @@ def _key_block(K_HEAD, V_HEAD, stride_kn, block, end, block_size, D: tl.constexp
 
 
 @triton.jit
-def _by_key(k):
-    """Keys (..., BLOCK_K, D) as (..., D, BLOCK_K), for logits q @ k^T of rows (R, D) or of
-    (token, head) rows batched by token (TOKENS, G_PAD, D)."""
-    if len(k.shape) == 3:
-        return tl.trans(k, (0, 2, 1))
-    return tl.trans(k)
-
-
-@triton.jit
 def _softmax_step(q, k, v, visible, log2_scale, m, total, acc, PRECISION: tl.constexpr):
-    """One key block of an online softmax: rows q (R, D) against k, v (BLOCK_K, D), or
-    rows batched by token q (T, R, D) each against its own block k, v (T, BLOCK_K, D).
+    """One key block of an online softmax: rows q (R, D) against k, v (BLOCK_K, D).
 
-    `visible` (R or 1, BLOCK_K; batched: T, R or 1, BLOCK_K) says which keys each row
-    sees. Logits are in log2 units (log2_scale = scale * log2 e, times the gate; a scalar
-    or one per row, keys axis kept as 1); m is the running max, total the running sum and
-    acc the running numerator; rows that saw nothing keep m = -inf.
+    `visible` (R or 1, BLOCK_K) says which keys each row sees. Logits are in log2 units
+    (log2_scale = scale * log2 e, times the gate; a scalar or (R, 1)); m is the running
+    max, total the running sum and acc the running numerator; rows that saw nothing keep
+    m = -inf.
     """
-    keys: tl.constexpr = len(q.shape) - 1  # the axis of keys in the logits
-    s = _dot(q, _by_key(k), PRECISION) * log2_scale  # (R, BLOCK_K) or (T, R, BLOCK_K)
+    s = _dot(q, tl.trans(k), PRECISION) * log2_scale  # (R, BLOCK_K)
     s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, keys))
+    m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - tl.expand_dims(m_safe, keys))
+    p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    total = total * alpha + tl.sum(p, keys)
-    acc = acc * tl.expand_dims(alpha, keys) + _dot(p.to(v.dtype), v, PRECISION)
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return m_new, total, acc
 
 
 @triton.jit
 def _gradient_step(q, do, lse, delta, k, v, visible, log2_scale, PRECISION: tl.constexpr):
-    """Rows (R, D), or rows batched by token (T, R, D), against one key block each:
-    dL/dlogit ds (R, BLOCK_K; batched T, R, BLOCK_K) and the raw dot products qk (the
-    gates' gradient needs them); `visible` and `log2_scale` as in `_softmax_step`."""
-    keys: tl.constexpr = len(q.shape) - 1
-    qk = _dot(q, _by_key(k), PRECISION)
-    p = tl.exp2(qk * log2_scale - tl.expand_dims(lse, keys))
+    """Rows (R, D) against one key block: dL/dlogit ds (R, BLOCK_K) and the raw dot
+    products qk (the gates' gradient needs them); `visible` and `log2_scale` as in
+    `_softmax_step`."""
+    qk = _dot(q, tl.trans(k), PRECISION)
+    p = tl.exp2(qk * log2_scale - lse[:, None])
     p = tl.where(visible, p, 0.0)
-    dp = _dot(do, _by_key(v), PRECISION)
-    ds = p * (dp - tl.expand_dims(delta, keys))
+    dp = _dot(do, tl.trans(v), PRECISION)
+    ds = p * (dp - delta[:, None])
     return ds, qk
 
 
@@ -203,26 +194,42 @@ def _group_program(
     bh = tl.program_id(1).to(tl.int64)
     elsewhere = tl.load(SHARED + bh * num_tiles + t // TOKENS) != 0
     b, h = bh // num_kv_heads, bh % num_kv_heads
-    heads = h * G + tl.arange(0, BLOCK_G)
-    head_ok = tl.arange(0, BLOCK_G) < G
-    dims = tl.arange(0, BLOCK_D)
-    tile = b * stride_qb + heads[:, None] * stride_qh + t * stride_qn + dims[None, :]
-    tile_ok = head_ok[:, None] & (dims < D)[None, :]
-    rows = (b * num_kv_heads * G + heads) * n + t
+    tile, tile_ok, rows, head_ok = _token_rows(b, h, t, n, num_kv_heads, stride_qb, stride_qh,
+                                               stride_qn, G, D, BLOCK_G, BLOCK_D)
     kv_head = b * stride_kb + h * stride_kh
     return elsewhere, t, bh, tile, tile_ok, rows, head_ok, K + kv_head, V + kv_head
 
 
 @triton.jit
-def _read_slots(CODES, bh, t, n, num_slots, S_PAD: tl.constexpr):
+def _token_rows(b, h, t, n, num_kv_heads, stride_qb, stride_qh, stride_qn, G: tl.constexpr,
+                D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Token t's G query heads h*G .. h*G+G-1 as ROWS rows (those past G, or past n, are
+    not real): their offsets (ROWS, BLOCK_D) in a (b, hq, n, d) tensor and which are real,
+    each row's offset (ROWS,) in a (b, hq, n) tensor and which rows are real."""
+    heads = h * G + tl.arange(0, ROWS)
+    head_ok = (tl.arange(0, ROWS) < G) & (t < n)
+    dims = tl.arange(0, BLOCK_D)
+    tile = b * stride_qb + heads[:, None] * stride_qh + t * stride_qn + dims[None, :]
+    tile_ok = head_ok[:, None] & (dims < D)[None, :]
+    rows = (b * num_kv_heads * G + heads) * n + t
+    return tile, tile_ok, rows, head_ok
+
+
+@triton.jit
+def _read_slots(CODES, PRIVATE, bh, t, n, num_slots, S_PAD: tl.constexpr,
+                ONLY_PRIVATE: tl.constexpr):
     """Token t's slots: the offset `first` of the first in CODES (and the gates), then as
-    vectors (S_PAD,): slot, code, whether it is read, and its rank among the read ones.
-    The loop then visits only read slots, with no branch that would stop Triton from
-    loading the next block while it works on this one."""
+    vectors (S_PAD,): slot, code, whether it is read (ONLY_PRIVATE: and private, see
+    `plan_tiles`), and its rank among the read ones. The loop then visits only read
+    slots, with no branch that would stop Triton from loading the next block while it
+    works on this one."""
     first = (bh * n + t) * num_slots
     slot = tl.arange(0, S_PAD)
-    codes = tl.load(CODES + first + slot, mask=slot < num_slots, other=-1)
+    ok = (slot < num_slots) & (t < n)
+    codes = tl.load(CODES + first + slot, mask=ok, other=-1)
     read = codes >= 0
+    if ONLY_PRIVATE:
+        read = read & (tl.load(PRIVATE + first + slot, mask=ok, other=0) != 0)
     rank = tl.cumsum(read.to(tl.int32), 0) - 1
     return first, slot, codes, read, rank
 
@@ -232,6 +239,49 @@ def _pick_slot(slot_ids, slot_codes, read, rank, i):
     """The i-th read slot of `_read_slots`' vectors: (code, slot)."""
     picked = read & (rank == i)
     return tl.sum(tl.where(picked, slot_codes, 0), 0), tl.sum(tl.where(picked, slot_ids, 0), 0)
+
+
+@triton.jit
+def _walk_softmax(
+    q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
+    num_blocks, block_size, log2_scale, m, total, acc, D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The online softmax (m, total, acc) of one token's rows q carried over its read
+    slots' blocks, one block at a time."""
+    for i in range(tl.sum(read.to(tl.int32), 0)):
+        code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
+                                  D, BLOCK_K, BLOCK_D)
+        scale = log2_scale
+        if HAS_GATES:
+            scale = log2_scale * tl.load(GATES + first + slot).to(tl.float32)
+        m, total, acc = _softmax_step(q, k, v, key_ok[None, :], scale, m, total, acc, PRECISION)
+    return m, total, acc
+
+
+@triton.jit
+def _walk_dq(
+    q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read, rank,
+    stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, dq, D: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dq (without the softmax scale) of one token's rows carried over its read slots'
+    blocks; with gates, stores d gate of each of those slots (summed over the rows)."""
+    for i in range(tl.sum(read.to(tl.int32), 0)):  # a slot not read keeps gate gradient 0
+        code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
+        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
+                                  D, BLOCK_K, BLOCK_D)
+        gate = 1.0
+        if HAS_GATES:
+            gate = tl.load(GATES + first + slot).to(tl.float32)
+        ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok[None, :], log2_scale * gate,
+                                PRECISION)
+        dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
+        if HAS_GATES:
+            tl.store(DGATES + first + slot, tl.sum(tl.sum(ds * qk, 1), 0) * sm_scale)
+    return dq
 
 
 @triton.jit
@@ -252,19 +302,14 @@ def _forward_kernel(
     if elsewhere:
         return
     q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (G, D)
-    first, slot_ids, slot_codes, read, rank = _read_slots(CODES, bh, t, n, num_slots, S_PAD)
-
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for i in range(tl.sum(read.to(tl.int32), 0)):
-        code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
-        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
-                                  D, BLOCK_K, BLOCK_D)
-        scale = log2_scale
-        if HAS_GATES:
-            scale = log2_scale * tl.load(GATES + first + slot).to(tl.float32)
-        m, total, acc = _softmax_step(q, k, v, key_ok[None, :], scale, m, total, acc, PRECISION)
+    first, slot_ids, slot_codes, read, rank = _read_slots(CODES, CODES, bh, t, n, num_slots,
+                                                          S_PAD, False)
+    m, total, acc = _walk_softmax(
+        q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
+        num_blocks, block_size, log2_scale, tl.full([BLOCK_G], float("-inf"), tl.float32),
+        tl.zeros([BLOCK_G], tl.float32), tl.zeros([BLOCK_G, BLOCK_D], tl.float32), D, BLOCK_K,
+        BLOCK_D, HAS_GATES, PRECISION,
+    )  # fmt: skip
     if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
                                   D, BLOCK_K, BLOCK_D)
@@ -300,21 +345,13 @@ def _backward_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)  # softmax backward's rowsum(dO * O)
     tl.store(DELTA + rows, delta, mask=head_ok)  # for the dk, dv kernel
     lse = tl.load(LSE + rows, mask=head_ok, other=float("inf"))
-    first, slot_ids, slot_codes, read, rank = _read_slots(CODES, bh, t, n, num_slots, S_PAD)
-
-    dq = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for i in range(tl.sum(read.to(tl.int32), 0)):  # a slot not read keeps gate gradient 0
-        code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
-        k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
-                                  D, BLOCK_K, BLOCK_D)
-        gate = 1.0
-        if HAS_GATES:
-            gate = tl.load(GATES + first + slot).to(tl.float32)
-        ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok[None, :], log2_scale * gate,
-                                PRECISION)
-        dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
-        if HAS_GATES:
-            tl.store(DGATES + first + slot, tl.sum(tl.sum(ds * qk, 1), 0) * sm_scale)
+    first, slot_ids, slot_codes, read, rank = _read_slots(CODES, CODES, bh, t, n, num_slots,
+                                                          S_PAD, False)
+    dq = _walk_dq(
+        q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read,
+        rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale,
+        tl.zeros([BLOCK_G, BLOCK_D], tl.float32), D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+    )  # fmt: skip
     if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
                                   D, BLOCK_K, BLOCK_D)
@@ -400,103 +437,88 @@ def _own_blocks(plan_tile, n, block_size, TOKENS: tl.constexpr):
 
 
 @triton.jit
-def _token_slots(CODES, GATES, bh, plan_tile, n, num_slots, TOKENS: tl.constexpr,
-                 S_PAD: tl.constexpr, HAS_GATES: tl.constexpr):
-    """The tile's tokens' codes and gates, one row per token (TOKENS, S_PAD); gates 0.0
-    without gates."""
-    tokens = plan_tile * TOKENS + tl.arange(0, TOKENS)
-    slots = tl.arange(0, S_PAD)
-    offsets = (bh * n + tokens)[:, None] * num_slots + slots[None, :]
-    ok = (tokens < n)[:, None] & (slots < num_slots)[None, :]
-    codes = tl.load(CODES + offsets, mask=ok, other=-1)
-    gates = 0.0
-    if HAS_GATES:
-        gates = tl.load(GATES + offsets, mask=ok, other=0.0).to(tl.float32)
-    return codes, gates
-
-
-@triton.jit
-def _private_step(K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size,
-                  token_codes, token_gates, D: tl.constexpr, TOKENS: tl.constexpr,
-                  S_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HAS_GATES: tl.constexpr):
-    """Step i of the private pass: each token's i-th private block, k and v (TOKENS,
-    BLOCK_K, BLOCK_D), which keys are real (TOKENS, 1, BLOCK_K; none for a token with
-    fewer private blocks), which of the token's slots picked it (TOKENS, S_PAD), and the
-    token's gate on it (TOKENS, 1, 1; 1.0 without gates)."""
-    code = tl.load(PRIVATE + (plan * S_PAD + i) * TOKENS + tl.arange(0, TOKENS))  # (TOKENS,)
-    block = tl.where(code >= 0, code % num_blocks, 0)
-    in_block = tl.arange(0, BLOCK_K)
-    keys = block[:, None] * block_size + in_block[None, :]  # (TOKENS, BLOCK_K)
-    key_ok = (code >= 0)[:, None] & (in_block < block_size)[None, :] & (keys < n)
-    dims = tl.arange(0, BLOCK_D)
-    offsets = keys[:, :, None].to(tl.int64) * stride_kn + dims[None, None, :]
-    ok = key_ok[:, :, None] & (dims < D)[None, None, :]
-    k = tl.load(K_HEAD + offsets, mask=ok, other=0.0)
-    v = tl.load(V_HEAD + offsets, mask=ok, other=0.0)
-    picked = (token_codes == code[:, None]) & (code >= 0)[:, None]
-    gate = 1.0
-    if HAS_GATES:
-        gate = tl.sum(tl.where(picked, token_gates, 0.0), 1)[:, None, None]
-    return k, v, key_ok[:, None, :], picked, gate
+def _spread(x, TOKENS: tl.constexpr):
+    """One token's rows x (R,) or (R, D) repeated for each of a tile's TOKENS tokens:
+    (TOKENS * R,) or (TOKENS * R, D), in the tile's row order."""
+    R: tl.constexpr = x.shape[0]
+    if len(x.shape) == 1:
+        spread = tl.reshape(tl.broadcast_to(x[None, :], (TOKENS, R)), (TOKENS * R,))
+    else:
+        W: tl.constexpr = x.shape[1]
+        spread = tl.reshape(tl.broadcast_to(x[None, :, :], (TOKENS, R, W)), (TOKENS * R, W))
+    return spread
 
 
 @triton.jit
 def _private_forward(
-    q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, bh, stride_kn, n, num_slots,
-    num_blocks, num_tiles, block_size, log2_scale, D: tl.constexpr, S_PAD: tl.constexpr,
-    TOKENS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, stride_qb, stride_qh, stride_qn, stride_kn,
+    plan, n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, log2_scale,
+    G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, TOKENS: tl.constexpr,
+    G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The online softmax of the tile's rows (m, total, acc) over each token's private
-    blocks, the ones no other token of the tile reads: step i takes every token's i-th in
-    one batched dot, G_PAD rows (the token's heads) against the token's own block, where
-    the shared list would have run all the tile's rows against each."""
-    token_codes, token_gates = _token_slots(CODES, GATES, bh, plan % num_tiles, n, num_slots,
-                                            TOKENS, S_PAD, HAS_GATES)
-    q = tl.reshape(q, (TOKENS, G_PAD, BLOCK_D))
-    m = tl.full([TOKENS, G_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([TOKENS, G_PAD], tl.float32)
-    acc = tl.zeros([TOKENS, G_PAD, BLOCK_D], tl.float32)
-    for i in range(tl.load(STEPS + plan)):
-        k, v, key_ok, _, gate = _private_step(
-            K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size, token_codes,
-            token_gates, D, TOKENS, S_PAD, BLOCK_K, BLOCK_D, HAS_GATES,
+    """The online softmax (m, total, acc) of the tile's rows over each token's private
+    blocks (those no other token of the tile reads): token by token, its G_PAD rows walk
+    its private slots as the per-token walk does, where the shared list would have run
+    all the tile's rows on each of them."""
+    bh = plan // num_tiles
+    b, h = bh // num_kv_heads, bh % num_kv_heads
+    row_token = tl.arange(0, TOKENS * G_PAD) // G_PAD
+    m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([TOKENS * G_PAD], tl.float32)
+    acc = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
+    for j in tl.static_range(TOKENS):
+        t = (plan % num_tiles) * TOKENS + j
+        tile, tile_ok, _, _ = _token_rows(b, h, t, n, num_kv_heads, stride_qb, stride_qh,
+                                          stride_qn, G, D, G_PAD, BLOCK_D)
+        q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (G_PAD, BLOCK_D)
+        first, slot_ids, slot_codes, read, rank = _read_slots(CODES, PRIVATE, bh, t, n,
+                                                              num_slots, S_PAD, True)
+        m_t, total_t, acc_t = _walk_softmax(
+            q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
+            num_blocks, block_size, log2_scale, tl.full([G_PAD], float("-inf"), tl.float32),
+            tl.zeros([G_PAD], tl.float32), tl.zeros([G_PAD, BLOCK_D], tl.float32), D, BLOCK_K,
+            BLOCK_D, HAS_GATES, PRECISION,
         )  # fmt: skip
-        m, total, acc = _softmax_step(q, k, v, key_ok, log2_scale * gate, m, total, acc, PRECISION)
-    rows: tl.constexpr = TOKENS * G_PAD
-    return tl.reshape(m, (rows,)), tl.reshape(total, (rows,)), tl.reshape(acc, (rows, BLOCK_D))
+        mine = row_token == j
+        m = tl.where(mine, _spread(m_t, TOKENS), m)
+        total = tl.where(mine, _spread(total_t, TOKENS), total)
+        acc = tl.where(mine[:, None], _spread(acc_t, TOKENS), acc)
+    return m, total, acc
 
 
 @triton.jit
 def _private_dq(
-    q, do, lse, delta, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, bh, stride_kn, n,
-    num_slots, num_blocks, num_tiles, block_size, log2_scale,
-    D: tl.constexpr, S_PAD: tl.constexpr, TOKENS: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K_HEAD, V_HEAD, OUT, DO, LSE, CODES, GATES, PRIVATE, DGATES, stride_qb, stride_qh,
+    stride_qn, stride_kn, plan, n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size,
+    sm_scale, log2_scale, G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+    TOKENS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GATES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq of the tile's rows (ROWS, BLOCK_D) from each token's private blocks, batched as
-    in `_private_forward`, and d gate of those slots (TOKENS, S_PAD), summed over each
-    token's heads (without the softmax scale)."""
-    token_codes, token_gates = _token_slots(CODES, GATES, bh, plan % num_tiles, n, num_slots,
-                                            TOKENS, S_PAD, HAS_GATES)
-    q = tl.reshape(q, (TOKENS, G_PAD, BLOCK_D))
-    do = tl.reshape(do, (TOKENS, G_PAD, BLOCK_D))
-    lse = tl.reshape(lse, (TOKENS, G_PAD))
-    delta = tl.reshape(delta, (TOKENS, G_PAD))
-    dq = tl.zeros([TOKENS, G_PAD, BLOCK_D], tl.float32)
-    dgates = tl.zeros([TOKENS, S_PAD], tl.float32)
-    for i in range(tl.load(STEPS + plan)):
-        k, v, key_ok, picked, gate = _private_step(
-            K_HEAD, V_HEAD, PRIVATE, plan, i, stride_kn, n, num_blocks, block_size, token_codes,
-            token_gates, D, TOKENS, S_PAD, BLOCK_K, BLOCK_D, HAS_GATES,
+    """dq (without the softmax scale) of the tile's rows from each token's private blocks,
+    token by token as in `_private_forward`; with gates, stores d gate of those slots."""
+    bh = plan // num_tiles
+    b, h = bh // num_kv_heads, bh % num_kv_heads
+    row_token = tl.arange(0, TOKENS * G_PAD) // G_PAD
+    dq = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
+    for j in tl.static_range(TOKENS):
+        t = (plan % num_tiles) * TOKENS + j
+        tile, tile_ok, rows, head_ok = _token_rows(b, h, t, n, num_kv_heads, stride_qb,
+                                                   stride_qh, stride_qn, G, D, G_PAD, BLOCK_D)
+        q = tl.load(Q + tile, mask=tile_ok, other=0.0)
+        do = tl.load(DO + tile, mask=tile_ok, other=0.0)
+        out = tl.load(OUT + tile, mask=tile_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+        lse = tl.load(LSE + rows, mask=head_ok, other=float("inf"))
+        first, slot_ids, slot_codes, read, rank = _read_slots(CODES, PRIVATE, bh, t, n,
+                                                              num_slots, S_PAD, True)
+        dq_t = _walk_dq(
+            q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read,
+            rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale,
+            tl.zeros([G_PAD, BLOCK_D], tl.float32), D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
         )  # fmt: skip
-        ds, qk = _gradient_step(q, do, lse, delta, k, v, key_ok, log2_scale * gate, PRECISION)
-        dq += _dot((ds * gate).to(k.dtype), k, PRECISION)
-        if HAS_GATES:
-            dgates += tl.where(picked, tl.sum(tl.sum(ds * qk, 2), 1)[:, None], 0.0)
-    return tl.reshape(dq, (TOKENS * G_PAD, BLOCK_D)), dgates
+        dq = tl.where((row_token == j)[:, None], _spread(dq_t, TOKENS), dq)
+    return dq
 
 
 @triton.jit
@@ -509,7 +531,7 @@ def _diagonal_visible(j, tokens, row_ok, key_ok, block_size, BLOCK_K: tl.constex
 
 @triton.jit
 def _tile_forward_kernel(
-    Q, K, V, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, STEPS, OUT, LSE,
+    Q, K, V, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, OUT, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, log2_scale,
@@ -532,9 +554,9 @@ def _tile_forward_kernel(
                                        HAS_GATES)
     if SPLIT:
         m, total, acc = _private_forward(
-            q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan, plan // num_tiles, stride_kn,
-            n, num_slots, num_blocks, num_tiles, block_size, log2_scale, D, S_PAD, TOKENS, G_PAD,
-            BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+            Q, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, stride_qb, stride_qh, stride_qn, stride_kn,
+            plan, n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, log2_scale, G,
+            D, S_PAD, TOKENS, G_PAD, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
         )  # fmt: skip
     else:
         m = tl.full([TOKENS * G_PAD], float("-inf"), tl.float32)
@@ -561,8 +583,7 @@ def _tile_forward_kernel(
 
 @triton.jit
 def _tile_dq_kernel(
-    Q, K, V, OUT, DO, LSE, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, STEPS, DQ, DGATES,
-    DELTA,
+    Q, K, V, OUT, DO, LSE, CODES, GATES, UNION, COUNTS, SHARED, PRIVATE, DQ, DGATES, DELTA,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     n, num_kv_heads, num_slots, num_blocks, num_tiles, block_size, sm_scale, log2_scale,
@@ -589,15 +610,15 @@ def _tile_dq_kernel(
     lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
     gates, union, places = _tile_reads(GATES, UNION, plan, slot_offsets, slot_ok, TOKENS, S_PAD,
                                        HAS_GATES)
-    if SPLIT:  # dq so far, d gates per token and slot (TOKENS, S_PAD)
-        dq, token_dgates = _private_dq(
-            q, do, lse, delta, K_HEAD, V_HEAD, CODES, GATES, PRIVATE, STEPS, plan,
-            plan // num_tiles, stride_kn, n, num_slots, num_blocks, num_tiles, block_size,
-            log2_scale, D, S_PAD, TOKENS, G_PAD, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+    if SPLIT:
+        dq = _private_dq(
+            Q, K_HEAD, V_HEAD, OUT, DO, LSE, CODES, GATES, PRIVATE, DGATES, stride_qb, stride_qh,
+            stride_qn, stride_kn, plan, n, num_kv_heads, num_slots, num_blocks, num_tiles,
+            block_size, sm_scale, log2_scale, G, D, S_PAD, TOKENS, G_PAD, BLOCK_K, BLOCK_D,
+            HAS_GATES, PRECISION,
         )  # fmt: skip
     else:
         dq = tl.zeros([TOKENS * G_PAD, BLOCK_D], tl.float32)
-        token_dgates = tl.zeros([TOKENS, S_PAD], tl.float32)
     dgates = tl.zeros([TOKENS * G_PAD, S_PAD], tl.float32)  # per row and slot
     for u in range(tl.load(COUNTS + plan)):
         block, picked, sees, gate = _union_block(union, places, u, num_blocks, codes, gates,
@@ -619,12 +640,13 @@ def _tile_dq_kernel(
             dq += _dot(ds.to(k.dtype), k, PRECISION)
     tl.store(DQ + tile, (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_ok)
     if HAS_GATES:  # each token's G rows summed: (TOKENS, S_PAD)
-        per_row = tl.sum(tl.reshape(dgates, (TOKENS, G_PAD, S_PAD)), 1)
-        per_token = (per_row + token_dgates) * sm_scale
+        per_token = tl.sum(tl.reshape(dgates, (TOKENS, G_PAD, S_PAD)), 1) * sm_scale
         own = (plan % num_tiles) * TOKENS + tl.arange(0, TOKENS)
         slots = tl.arange(0, S_PAD)
         offsets = ((plan // num_tiles) * n + own)[:, None] * num_slots + slots[None, :]
         ok = (own < n)[:, None] & (slots < num_slots)[None, :]
+        if SPLIT:  # the private pass stored its slots' own
+            ok = ok & (tl.load(PRIVATE + offsets, mask=ok, other=0) == 0)
         tl.store(DGATES + offsets, per_token, mask=ok)
 
 
@@ -776,7 +798,7 @@ def _private_slots(codes, TOKENS: tl.constexpr, S_PAD: tl.constexpr):
 
 @triton.jit
 def _plan_kernel(
-    INDICES, SELECTED, CODES, UNION, COUNTS, SHARED, PRIVATE, STEPS, n, num_slots, num_blocks,
+    INDICES, SELECTED, CODES, UNION, COUNTS, SHARED, PRIVATE, n, num_slots, num_blocks,
     num_tiles, block_size, shared_ratio,
     TOKENS: tl.constexpr, S_PAD: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
 ):
@@ -801,17 +823,12 @@ def _plan_kernel(
     reads = tl.sum(tl.sum(read.to(tl.int32), 1), 0)
 
     plan = bh * num_tiles + i
-    if SPLIT:  # private[plan, step, token]: the token's step-th private code (filled with -1)
+    private_work = 0.0  # private slots, in tiles' worth of rows (one token's rows each)
+    if SPLIT:
         private = _private_slots(codes, TOKENS, S_PAD)
-        per_token = tl.sum(private.to(tl.int32), 1)  # (TOKENS,)
-        step = tl.cumsum(private.to(tl.int32), 1) - 1
-        column = tl.arange(0, TOKENS)[:, None]
-        tl.store(PRIVATE + (plan * S_PAD + step) * TOKENS + column, codes, mask=private)
-        steps = tl.max(per_token, 0)
+        tl.store(PRIVATE + offsets, private.to(tl.uint8), mask=ok)
+        private_work = tl.sum(tl.sum(private.to(tl.float32), 1), 0) / TOKENS
         codes = tl.where(private, -1, codes)  # the rest make the tile's shared list
-    else:
-        steps = 0
-    tl.store(STEPS + plan, steps)
 
     flat = tl.sort(tl.reshape(codes, (TOKENS * S_PAD,)))  # unread slots (-1) first
     position = tl.arange(0, TOKENS * S_PAD)
@@ -821,7 +838,7 @@ def _plan_kernel(
     tl.store(UNION + plan * TOKENS * S_PAD + place, flat, mask=first)
     count = tl.sum(first.to(tl.int32), 0)
     tl.store(COUNTS + plan, count)
-    tl.store(SHARED + plan, (count + steps <= shared_ratio * reads).to(tl.uint8))
+    tl.store(SHARED + plan, (count + private_work <= shared_ratio * reads).to(tl.uint8))
 
 
 @dataclass(frozen=True)
@@ -834,12 +851,9 @@ class TilePlan:
     union (b * h, tiles, TOKENS * S_PAD) int32: each tile's distinct codes first (with
     split, only those that two tokens or more read); counts (b * h, tiles) int32: how
     many; shared (b * h, tiles) uint8: 1 where the tile goes to the shared-tile kernels,
-    0 where each token walks its own blocks.
-
-    With split, each token's private codes (read by no other token of its tile) are
-    apart: private (b * h, tiles, S_PAD, TOKENS) int32, [tile, i, token] the token's
-    i-th private code or NO_BLOCK; steps (b * h, tiles) int32: the most any token has.
-    Without, steps are 0 and private is one NO_BLOCK that no kernel reads.
+    0 where each token walks its own blocks; private (b, h, n, s) uint8, with split: 1
+    on the read slots whose code no other token of the tile reads (without split, one 0
+    that no kernel reads).
     """
 
     codes: Tensor
@@ -847,7 +861,6 @@ class TilePlan:
     counts: Tensor
     shared: Tensor
     private: Tensor
-    steps: Tensor
     tokens: int  # tokens per tile
     split: bool
 
@@ -861,11 +874,12 @@ def plan_tiles(
     Each tile of `tokens` queries merges its tokens' read blocks (the slots that are
     selected and, with causal, before the own block) into one list of distinct codes.
     With `split`, a code only one token of the tile reads is left out of that list and
-    kept as the token's private code: the tile kernels take the i-th private code of
-    every token in one batched step (step i), with only that token's rows.
+    marked private: the tile kernels run it on that token's rows alone, `rows / tokens`
+    of them, as the walk does.
 
-    A tile goes to the shared-tile kernels where their work, (distinct blocks + steps)
-    x `rows`, is at most `limit` times the per-token walk's, (read slots) x `block_g`.
+    A tile goes to the shared-tile kernels where their work, (distinct blocks) x `rows`
+    plus (private slots) x `rows / tokens`, is at most `limit` times the per-token
+    walk's, (read slots) x `block_g`.
     """
     b, h, n, s = indices.shape
     num_tiles = triton.cdiv(n, tokens)
@@ -875,15 +889,13 @@ def plan_tiles(
     union = torch.empty(b * h, num_tiles, tokens * s_pad, dtype=torch.int32, device=device)
     counts = torch.empty(b * h, num_tiles, dtype=torch.int32, device=device)
     shared = torch.empty(b * h, num_tiles, dtype=torch.uint8, device=device)
-    private_shape = (b * h, num_tiles, s_pad, tokens) if split else (1, 1, 1, 1)
-    private = torch.full(private_shape, NO_BLOCK, dtype=torch.int32, device=device)
-    steps = torch.empty(b * h, num_tiles, dtype=torch.int32, device=device)
+    private = torch.empty(b, h, n, s, dtype=torch.uint8, device=device) if split else shared
     _plan_kernel[(num_tiles, b * h)](
-        indices, selected.view(torch.uint8), codes, union, counts, shared, private, steps, n, s,
+        indices, selected.view(torch.uint8), codes, union, counts, shared, private, n, s,
         math.ceil(n / block_size), num_tiles, block_size, limit * block_g / rows,
         TOKENS=tokens, S_PAD=s_pad, CAUSAL=causal, SPLIT=split,
     )  # fmt: skip
-    return TilePlan(codes, union, counts, shared, private, steps, tokens, split)
+    return TilePlan(codes, union, counts, shared, private, tokens, split)
 
 
 def invert_selection(blocks: Tensor, num_blocks: int) -> tuple[Tensor, Tensor]:
@@ -1003,7 +1015,7 @@ def _forward(q, k, v, plan, gates, block_size, causal, scale):
     grid = (plan.counts.shape[1], plan.counts.shape[0])
     _tile_forward_kernel[grid](
         q, k, v, plan.codes, gates, plan.union, plan.counts, plan.shared, plan.private,
-        plan.steps, out, lse, *strides, *sizes, scale * LOG2_E, **shared, SPLIT=plan.split,
+        out, lse, *strides, *sizes, scale * LOG2_E, **shared, SPLIT=plan.split,
         **_launch("tile_forward", d),
     )
     _forward_kernel[(n, plan.counts.shape[0])](
@@ -1025,7 +1037,7 @@ def _backward_dq(q, k, v, out, do, lse, plan, gates, block_size, causal, scale):
     grid = (plan.counts.shape[1], plan.counts.shape[0])
     _tile_dq_kernel[grid](
         q, k, v, out, do, lse, plan.codes, gates, plan.union, plan.counts, plan.shared,
-        plan.private, plan.steps, dq, dgates_arg, delta, *strides, *sizes, scale, scale * LOG2_E,
+        plan.private, dq, dgates_arg, delta, *strides, *sizes, scale, scale * LOG2_E,
         **shared, SPLIT=plan.split, **_launch("tile_dq", d),
     )
     _backward_dq_kernel[(n, plan.counts.shape[0])](
@@ -1101,7 +1113,7 @@ class SelectionAttention(torch.autograd.Function):
                          causal)
         out, lse = _forward(q, k, v, plan, gates, block_size, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, gates, plan.codes, plan.union, plan.counts,
-                              plan.shared, plan.private, plan.steps)
+                              plan.shared, plan.private)
         ctx.settings = (plan.tokens, plan.split, block_size, causal, scale)
         return out
 
