@@ -7,7 +7,7 @@ nothing of registers or shared memory. This script closes that gap in two steps:
 1. record (a child process, interpreter on): the kernel wrappers run forward and
    backward on small inputs at the layer's settings (issue 12's: G = 16, d = 128,
    blocks of 64, 16 selected, window 512, dim 2048; and the selection kernel at d = 256,
-   G = 4, with gates and with SPLIT_PRIVATE), and every launch is noted: its arguments'
+   G = 4 and 1, with gates and with SPLIT_PRIVATE), and every launch is noted: its arguments'
    types, its compile-time constants, warps and stages. Lengths are short; the constants are the
    ones a long run takes (only runtime arguments depend on the length).
 2. compile (this process, interpreter off): each distinct launch goes through Triton's
@@ -95,7 +95,7 @@ def workloads(torch) -> None:
     selection.TILE_COST_LIMIT = float("inf")  # tiles shared (their kernels run either way)
     for group, dim, gated, split in ((16, 128, False, False), (16, 128, False, True),
                                      (16, 128, True, False), (16, 256, False, False),
-                                     (4, 128, False, False)):  # fmt: skip
+                                     (4, 128, False, False), (1, 128, False, False)):  # fmt: skip
         selection.SPLIT_PRIVATE = split
         q, k, v = randn(1, group, n, dim), randn(1, 1, n, dim), randn(1, 1, n, dim)
         indices = torch.randint(0, 2, (1, 1, n, slots), generator=g)

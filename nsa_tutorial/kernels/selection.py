@@ -244,11 +244,15 @@ def _pick_slot(slot_ids, slot_codes, read, rank, i):
 @triton.jit
 def _walk_softmax(
     q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
-    num_blocks, block_size, log2_scale, m, total, acc, D: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_blocks, block_size, log2_scale, D: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The online softmax (m, total, acc) of one token's rows q carried over its read
-    slots' blocks, one block at a time."""
+    """The online softmax (m, total, acc) of one token's rows q (R, BLOCK_D) over its
+    read slots' blocks, one block at a time."""
+    R: tl.constexpr = q.shape[0]
+    m = tl.full([R], float("-inf"), tl.float32)
+    total = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, BLOCK_D], tl.float32)
     for i in range(tl.sum(read.to(tl.int32), 0)):
         code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
@@ -263,12 +267,13 @@ def _walk_softmax(
 @triton.jit
 def _walk_dq(
     q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read, rank,
-    stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, dq, D: tl.constexpr,
+    stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, D: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATES: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dq (without the softmax scale) of one token's rows carried over its read slots'
-    blocks; with gates, stores d gate of each of those slots (summed over the rows)."""
+    """dq (without the softmax scale) of one token's rows q (R, BLOCK_D) over its read
+    slots' blocks; with gates, stores d gate of each of those slots (summed over rows)."""
+    dq = tl.zeros([q.shape[0], BLOCK_D], tl.float32)
     for i in range(tl.sum(read.to(tl.int32), 0)):  # a slot not read keeps gate gradient 0
         code, slot = _pick_slot(slot_ids, slot_codes, read, rank, i)
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, code % num_blocks, n, block_size,
@@ -306,9 +311,7 @@ def _forward_kernel(
                                                           S_PAD, False)
     m, total, acc = _walk_softmax(
         q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
-        num_blocks, block_size, log2_scale, tl.full([BLOCK_G], float("-inf"), tl.float32),
-        tl.zeros([BLOCK_G], tl.float32), tl.zeros([BLOCK_G, BLOCK_D], tl.float32), D, BLOCK_K,
-        BLOCK_D, HAS_GATES, PRECISION,
+        num_blocks, block_size, log2_scale, D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
     )  # fmt: skip
     if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
@@ -349,8 +352,8 @@ def _backward_dq_kernel(
                                                           S_PAD, False)
     dq = _walk_dq(
         q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read,
-        rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale,
-        tl.zeros([BLOCK_G, BLOCK_D], tl.float32), D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+        rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, D, BLOCK_K, BLOCK_D,
+        HAS_GATES, PRECISION,
     )  # fmt: skip
     if CAUSAL:  # the block-causal diagonal: the own block up to the token itself
         k, v, key_ok = _key_block(K_HEAD, V_HEAD, stride_kn, t // block_size, t + 1, block_size,
@@ -476,9 +479,7 @@ def _private_forward(
                                                               num_slots, S_PAD, True)
         m_t, total_t, acc_t = _walk_softmax(
             q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
-            num_blocks, block_size, log2_scale, tl.full([G_PAD], float("-inf"), tl.float32),
-            tl.zeros([G_PAD], tl.float32), tl.zeros([G_PAD, BLOCK_D], tl.float32), D, BLOCK_K,
-            BLOCK_D, HAS_GATES, PRECISION,
+            num_blocks, block_size, log2_scale, D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
         )  # fmt: skip
         mine = row_token == j
         m = tl.where(mine, _spread(m_t, TOKENS), m)
@@ -514,8 +515,8 @@ def _private_dq(
                                                               num_slots, S_PAD, True)
         dq_t = _walk_dq(
             q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read,
-            rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale,
-            tl.zeros([G_PAD, BLOCK_D], tl.float32), D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
+            rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, D, BLOCK_K,
+            BLOCK_D, HAS_GATES, PRECISION,
         )  # fmt: skip
         dq = tl.where((row_token == j)[:, None], _spread(dq_t, TOKENS), dq)
     return dq
