@@ -308,7 +308,7 @@ def _forward_kernel(
         return
     q = tl.load(Q + tile, mask=tile_ok, other=0.0)  # (G, D)
     first, slot_ids, slot_codes, read, rank = _read_slots(CODES, CODES, bh, t, n, num_slots,
-                                                          S_PAD, False)
+                                                          S_PAD, False)  # every read slot
     m, total, acc = _walk_softmax(
         q, K_HEAD, V_HEAD, GATES, first, slot_ids, slot_codes, read, rank, stride_kn, n,
         num_blocks, block_size, log2_scale, D, BLOCK_K, BLOCK_D, HAS_GATES, PRECISION,
@@ -349,7 +349,7 @@ def _backward_dq_kernel(
     tl.store(DELTA + rows, delta, mask=head_ok)  # for the dk, dv kernel
     lse = tl.load(LSE + rows, mask=head_ok, other=float("inf"))
     first, slot_ids, slot_codes, read, rank = _read_slots(CODES, CODES, bh, t, n, num_slots,
-                                                          S_PAD, False)
+                                                          S_PAD, False)  # every read slot
     dq = _walk_dq(
         q, do, lse, delta, K_HEAD, V_HEAD, GATES, DGATES, first, slot_ids, slot_codes, read,
         rank, stride_kn, n, num_blocks, block_size, sm_scale, log2_scale, D, BLOCK_K, BLOCK_D,
