@@ -23,8 +23,9 @@ medians; "today" is the earlier kernel.
   Its JSON's "launch" is the table the variants started from (the settings before
   WIDE_LAUNCH took the winners); run now, "table" is WIDE_LAUNCH itself.
 - Round 4: the private pass (SPLIT_PRIVATE) on and off, the tile kernels at 4 and 8
-  warps, at TILE_COST_LIMIT and with every tile shared, on each pattern at 64k (G = 16);
-  first, out and gradients with the pass against without it (relative errors).
+  warps, at TILE_COST_LIMIT and with every tile shared, and every tile walked, on each
+  pattern at 64k (G = 16); first, out and gradients with the pass against without it
+  (relative errors, every tile shared).
 """
 
 import argparse
@@ -211,9 +212,11 @@ def wide_heads(res, n=32768):
 
 
 def private_pass(res, n=65536):
-    """Round 4: SPLIT_PRIVATE x tile warps x TILE_COST_LIMIT on each pattern, G = 16."""
+    """Round 4: SPLIT_PRIVATE x tile warps x TILE_COST_LIMIT on each pattern, G = 16, and
+    every tile walked (limit -1) as the baseline; each row with its share of shared tiles."""
     q, k, v, idx, sel, go = inputs(2048, "local_shared", seed=3)
-    results, split_chosen = {}, K.SPLIT_PRIVATE
+    chosen, split_chosen = K.TILE_COST_LIMIT, K.SPLIT_PRIVATE
+    K.TILE_COST_LIMIT, results = float("inf"), {}  # every tile shared: the private pass runs
     for split in (False, True):
         K.SPLIT_PRIVATE = split
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -225,21 +228,24 @@ def private_pass(res, n=65536):
     ]  # out, dq, dk, dv
     print(res, flush=True)
     rows = []
-    base_f, base_q, chosen = K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT
+    base_f, base_q = K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"]
+    variants = [(False, base_f.num_warps, -1.0)] + [
+        (split, warps, limit) for split in (False, True) for warps in (4, 8)
+        for limit in (chosen, float("inf"))
+    ]  # fmt: skip
     for pattern in P.PATTERNS:
         q, k, v, idx, sel, go = inputs(n, pattern)
-        for split in (False, True):
-            for warps in (4, 8):
-                for limit in (chosen, float("inf")):
-                    K.SPLIT_PRIVATE, K.TILE_COST_LIMIT = split, limit
-                    K.LAUNCH["tile_forward"] = dataclasses.replace(base_f, num_warps=warps)
-                    K.LAUNCH["tile_dq"] = dataclasses.replace(base_q, num_warps=warps)
-                    r = dict(pattern=pattern, split=split, warps=warps, limit=limit,
-                             fwd=fwd(K, q, k, v, idx, sel), fb=fwd_bwd(K, q, k, v, idx, sel, go))
-                    print(r, flush=True)
-                    rows.append(r)
-    K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"], K.TILE_COST_LIMIT = base_f, base_q, chosen
-    K.SPLIT_PRIVATE = split_chosen
+        for split, warps, limit in variants:
+            K.SPLIT_PRIVATE, K.TILE_COST_LIMIT = split, limit
+            K.LAUNCH["tile_forward"] = dataclasses.replace(base_f, num_warps=warps)
+            K.LAUNCH["tile_dq"] = dataclasses.replace(base_q, num_warps=warps)
+            shared = K.make_plan(idx, sel, 16, 64, 128, True).shared.float().mean().item()
+            r = dict(pattern=pattern, split=split, warps=warps, limit=limit, shared_tiles=shared,
+                     fwd=fwd(K, q, k, v, idx, sel), fb=fwd_bwd(K, q, k, v, idx, sel, go))
+            print(r, flush=True)
+            rows.append(r)
+    K.LAUNCH["tile_forward"], K.LAUNCH["tile_dq"] = base_f, base_q
+    K.TILE_COST_LIMIT, K.SPLIT_PRIVATE = chosen, split_chosen
     res["private_pass"] = rows
 
 
