@@ -7,9 +7,9 @@ nothing of registers or shared memory. This script closes that gap in two steps:
 1. record (a child process, interpreter on): the kernel wrappers run forward and
    backward on small inputs at the layer's settings (issue 12's: G = 16, d = 128,
    blocks of 64, 16 selected, window 512, dim 2048; and the selection kernel at d = 256,
-   G = 4 and 1, with gates and with SPLIT_PRIVATE), and every launch is noted: its arguments'
-   types, its compile-time constants, warps and stages. Lengths are short; the constants are the
-   ones a long run takes (only runtime arguments depend on the length).
+   G = 4 and 1, with gates and with SPLIT_PRIVATE), and every launch is noted: its
+   arguments' types, its compile-time constants, warps and stages. Lengths are short;
+   the constants are the ones a long run takes (only runtime arguments depend on it).
 2. compile (this process, interpreter off): each distinct launch goes through Triton's
    own compiler and ptxas for sm_90, as on the GPU. A launch fails when it does not
    compile or needs more shared memory than one sm_90 block has; registers and spills

@@ -215,7 +215,7 @@ def test_plan_tiles_keeps_each_tokens_private_blocks_apart():
 
 
 def test_private_pass_with_groups_not_a_power_of_two(path):
-    """G = 12: each token's rows are padded to 16 in the private pass's batched dots."""
+    """G = 12: each token's rows are padded to 16 in the private pass (tl.dot's least)."""
     q, k, v, indices, selected, gates = random_problem(
         1, 1, 12, 40, 16, 8, 3, True, torch.float32, seed=13
     )
